@@ -61,7 +61,11 @@ def test_feedback_step_matches_eager(B, d, k, spatial, dtype):
         for name, a, b in zip(("h_next", "v", "dh", "df", "ddecay"), got, expected):
             if b is None:
                 continue
-            torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m: f"{backend} {name}: {m}")
+            tol = dict(TOL[dtype])
+            if name == "ddecay":
+                # A sum over B*N positions: rounding grows like sqrt(B*N) whatever the summation order.
+                tol["atol"] *= math.sqrt(max(1, B * math.prod(spatial)))
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{backend} {name}: {m}")
 
 
 @needs_cpp

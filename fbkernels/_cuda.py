@@ -1,0 +1,132 @@
+"""Host side of the "cuda" backend: allocates outputs and workspaces with torch and calls fbkernels._C_cuda.
+
+All functions take the canonical layout of fbkernels.ops: contiguous [B, d, N] tensors of one dtype on one CUDA
+device (float32, float64, float16 or bfloat16). Kernels run on that device's current stream, so they order
+correctly with surrounding PyTorch work and can be captured in CUDA graphs; nothing here synchronises.
+"""
+from __future__ import annotations
+
+import torch
+
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_BUILD_HINT = (
+    "fbkernels was built without CUDA; reinstall with a CUDA toolkit present: "
+    "FBKERNELS_CUDA=ON pip install --no-build-isolation ."
+)
+
+
+def _ext():
+    """The compiled module fbkernels._C_cuda, or a RuntimeError saying how to build it."""
+    try:
+        from . import _C_cuda
+    except ImportError as err:
+        raise RuntimeError(_BUILD_HINT) from err
+    return _C_cuda
+
+
+def is_available() -> bool:
+    """True when fbkernels._C_cuda imports, PyTorch sees CUDA and the driver reports at least one device."""
+    try:
+        ext = _ext()
+    except RuntimeError:
+        return False
+    return torch.cuda.is_available() and ext.device_count() > 0
+
+
+def _dtype_code(t: torch.Tensor) -> int:
+    code = _DTYPE_CODES.get(t.dtype)
+    if code is None:
+        raise TypeError(f"the cuda backend supports {[str(d) for d in _DTYPE_CODES]}, got {t.dtype}")
+    return code
+
+
+def _check(*tensors: torch.Tensor | None) -> torch.Tensor:
+    """The first tensor, after checking that all given tensors are contiguous CUDA tensors of one dtype/device."""
+    first = next(t for t in tensors if t is not None)
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cuda":
+            raise ValueError(f"the cuda backend needs CUDA tensors, got a tensor on {t.device}")
+        if t.device != first.device or t.dtype != first.dtype:
+            raise ValueError(
+                f"all tensors must share one device and dtype, got {first.device}/{first.dtype} and {t.device}/{t.dtype}"
+            )
+        if not t.is_contiguous():
+            raise ValueError("the cuda backend takes contiguous tensors (fbkernels.ops makes them so)")
+    return first
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def feedback_step_forward(h, f, decay, num_feedback):
+    """h, f: [B, d, N]; decay: [d, d]. Returns (h_next [B, d, N], v [B, k, N])."""
+    ext = _ext()
+    _check(h, f, decay)
+    B, d, N = h.shape
+    k = int(num_feedback)
+    h_next = torch.empty_like(h)
+    v = torch.empty((B, k, N), dtype=h.dtype, device=h.device)
+    with torch.cuda.device(h.device):
+        ext.feedback_step_forward(
+            h.data_ptr(), f.data_ptr(), decay.data_ptr(), h_next.data_ptr(), v.data_ptr(),
+            B, d, N, k, _dtype_code(h), _stream(h.device),
+        )
+    return h_next, v
+
+
+def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback):
+    """grad_h: [B, d, N] or None; grad_v: [B, k, N] or None. Returns (grad_h_in, grad_f [B, d, N], grad_decay [d, d])."""
+    ext = _ext()
+    _check(f, v, decay, grad_h, grad_v)
+    B, d, N = f.shape
+    k = int(num_feedback)
+    grad_h_in = torch.empty_like(f)
+    grad_f = torch.empty_like(f)
+    grad_decay = torch.empty((d, d), dtype=f.dtype, device=f.device)
+    partial_dtype = torch.float64 if f.dtype == torch.float64 else torch.float32
+    with torch.cuda.device(f.device):
+        # The partial count depends on the current device (its SM count): ask under the same device guard.
+        num_partials = ext.feedback_step_num_partials(B, d, N)
+        partials = torch.empty(num_partials * d * d, dtype=partial_dtype, device=f.device)
+        ext.feedback_step_backward(
+            _ptr(grad_h), _ptr(grad_v), f.data_ptr(), v.data_ptr(), decay.data_ptr(),
+            grad_h_in.data_ptr(), grad_f.data_ptr(), grad_decay.data_ptr(), partials.data_ptr(),
+            B, d, N, k, _dtype_code(f), _stream(f.device),
+        )
+    return grad_h_in, grad_f, grad_decay
+
+
+def context_gate_forward(h, gate_logits, alpha):
+    """h: [B, C, N]; gate_logits: [B, C]. Returns out [B, C, N]."""
+    ext = _ext()
+    _check(h, gate_logits)
+    B, C, N = h.shape
+    out = torch.empty_like(h)
+    with torch.cuda.device(h.device):
+        ext.context_gate_forward(
+            h.data_ptr(), gate_logits.data_ptr(), out.data_ptr(), B, C, N, float(alpha),
+            _dtype_code(h), _stream(h.device),
+        )
+    return out
+
+
+def context_gate_backward(grad_out, h, gate_logits, alpha):
+    """grad_out, h: [B, C, N]; gate_logits: [B, C]. Returns (grad_h [B, C, N], grad_gate_logits [B, C])."""
+    ext = _ext()
+    _check(grad_out, h, gate_logits)
+    B, C, N = h.shape
+    grad_h = torch.empty_like(h)
+    grad_gate_logits = torch.empty_like(gate_logits)
+    with torch.cuda.device(h.device):
+        ext.context_gate_backward(
+            grad_out.data_ptr(), h.data_ptr(), gate_logits.data_ptr(), grad_h.data_ptr(),
+            grad_gate_logits.data_ptr(), B, C, N, float(alpha), _dtype_code(h), _stream(h.device),
+        )
+    return grad_h, grad_gate_logits
