@@ -10,6 +10,9 @@ from fbkernels import _reference
 
 NATIVE_CPU = [b for b in ("cpp",) if b in fbkernels.available_backends("cpu")]
 needs_cpp = pytest.mark.skipif("cpp" not in NATIVE_CPU, reason="fbkernels._C not built")
+# Registration-level checks (opcheck, torch.compile) also cover triton, under its interpreter on CPU (conftest.py).
+# Its kernels' numerics against eager are in tests/test_triton.py, on shapes small enough for the interpreter.
+REGISTERED_CPU = [b for b in ("eager", "cpp", "triton") if b in fbkernels.available_backends("cpu")]
 
 # (B, d, k, spatial) covering batch 0/1/3, d 2..64, k = 1 and k = d, 0-D to 3-D spatial with 1x1 and odd sizes.
 FEEDBACK_SHAPES = [
@@ -171,7 +174,7 @@ def test_context_gate_eager_matches_formula():
     assert torch.autograd.gradcheck(lambda h, a: fbkernels.context_gate(h, a, 0.4, backend="eager"), (h, a))
 
 
-@pytest.mark.parametrize("backend", ["eager", *NATIVE_CPU])
+@pytest.mark.parametrize("backend", REGISTERED_CPU)
 def test_opcheck(backend):
     h, f, decay = _feedback_inputs(2, 6, (3, 4), torch.float64)
     opcheck(torch.ops.fbkernels.feedback_step.default, (h, f, decay, 2, backend))
@@ -180,7 +183,7 @@ def test_opcheck(backend):
     opcheck(torch.ops.fbkernels.context_gate.default, (gh, ga, 0.5, backend))
 
 
-@pytest.mark.parametrize("backend", ["eager", *NATIVE_CPU])
+@pytest.mark.parametrize("backend", REGISTERED_CPU)
 def test_torch_compile_two_step_loop(backend):
     torch._dynamo.reset()
     h0, f, decay = _feedback_inputs(2, 6, (5, 4), torch.float64)

@@ -1,0 +1,252 @@
+"""Triton feedback step: ``h_next = h + M @ f`` per position, ``v = softmax(h_next[:, d-k:])``, and its backward.
+
+Canonical layout: h, f, h_next, grad_h, grad_f: [B, d, N]; v, grad_v: [B, k, N]; M (decay): [d, d]; all contiguous,
+one dtype (float32, float64, float16, bfloat16; fp16/bf16 accumulate in fp32), one device.
+
+A tile is BLOCK_N positions of one batch element with all d channels (padded to D_PAD = next power of 2) in
+registers, so the forward reads h and f once and writes h_next and v once. The channel mix uses ``tl.dot`` for
+d >= 16 (fp32 in IEEE precision, so results match eager to ~1e-6) and rank-1 FMA updates over the input channels
+for small d and for float64. The backward's dL/dM = sum_{b,n} g f^T is reduced without atomics: a persistent
+kernel accumulates one [d, d] partial per program in registers, and a second kernel sums the partials in a
+fixed order (bitwise reproducible for a given config and device).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from ._utils import (
+    INTERPRETING,
+    check_launchable,
+    device_guard,
+    dtype_flags,
+    kernel_is_interpreted,
+    max_resident_programs,
+    partial_dtype,
+    sum_partials_kernel,
+    upcast,
+)
+
+# d at which the channel mix switches from FMA updates to tensor-core tl.dot (tl.dot needs >= 16 per dim).
+_DOT_MIN_CHANNELS = 16
+# Largest BLOCK_N of any config: the persistent backward sizes its grid with it, so every program gets a tile.
+_MAX_BLOCK_N = 256
+_SUM_BLOCK = 256
+
+
+def _configs():
+    if INTERPRETING:
+        # The interpreter runs programs one by one in numpy: one fixed config, small enough that the test
+        # shapes span several tiles and exercise the N masks.
+        return [triton.Config({"BLOCK_N": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=nw) for bn in (64, 128, _MAX_BLOCK_N) for nw in (4, 8)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles whose [D_PAD, BLOCK_N] fp32 working set cannot fit in registers (they only spill)."""
+    d_pad = named_args.get("D_PAD", kwargs.get("D_PAD", 16))
+    fitting = [c for c in configs if d_pad * c.kwargs["BLOCK_N"] <= 64 * 128 * c.num_warps]
+    return fitting or configs[:1]
+
+
+_AUTOTUNE = dict(configs=_configs(), key=["d", "N"], prune_configs_by={"early_config_prune": _prune_configs})
+
+
+@triton.jit
+def _channel_mix_dot(a, b, acc, IS_FP32: tl.constexpr):
+    """acc + a @ b on tensor cores; float32 in IEEE precision (no TF32) so it matches eager float32."""
+    if IS_FP32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.autotune(**_AUTOTUNE)
+@triton.jit
+def _feedback_step_forward_kernel(
+    h_ptr, f_ptr, decay_ptr, h_next_ptr, v_ptr,
+    d, N, num_feedback,
+    D_PAD: tl.constexpr, USE_DOT: tl.constexpr, IS_FP32: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One program = positions [n0, n0 + BLOCK_N) of batch b, all d channels."""
+    pid = tl.program_id(0).to(tl.int64)  # int64 from here on: offsets may exceed 2^31
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    b = pid // num_n_blocks
+    pos = (pid - b * num_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    chan = tl.arange(0, D_PAD)
+    chan_ok = chan < d
+    pos_ok = pos < N
+    tile_mask = chan_ok[:, None] & pos_ok[None, :]
+    batch_base = b * d * N
+    tile_offsets = batch_base + chan[:, None].to(tl.int64) * N + pos[None, :]
+
+    h_next = upcast(tl.load(h_ptr + tile_offsets, mask=tile_mask, other=0.0), IS_FP64)
+    if USE_DOT:
+        f = tl.load(f_ptr + tile_offsets, mask=tile_mask, other=0.0)
+        decay = tl.load(decay_ptr + chan[:, None] * d + chan[None, :], mask=chan_ok[:, None] & chan_ok[None, :],
+                        other=0.0)
+        h_next = _channel_mix_dot(decay, f, h_next, IS_FP32)
+    else:
+        # h_next += M[:, j] (outer) f[j, :] for each input channel j: registers stay [D_PAD, BLOCK_N] for any d.
+        f_row_ptr = f_ptr + batch_base + pos
+        for j in range(d):
+            f_row = upcast(tl.load(f_row_ptr, mask=pos_ok, other=0.0), IS_FP64)
+            decay_col = upcast(tl.load(decay_ptr + chan * d + j, mask=chan_ok, other=0.0), IS_FP64)
+            h_next += decay_col[:, None] * f_row[None, :]
+            f_row_ptr += N
+    tl.store(h_next_ptr + tile_offsets, h_next.to(h_next_ptr.dtype.element_ty), mask=tile_mask)
+
+    # Softmax over the feedback channels d-k .. d-1 of the unrounded h_next; other rows are -inf so they vanish.
+    first_feedback = d - num_feedback
+    is_feedback = (chan >= first_feedback) & chan_ok
+    logits = tl.where(is_feedback[:, None], h_next, float("-inf"))
+    shifted = logits - tl.max(logits, axis=0)[None, :]
+    numer = tl.exp(shifted)
+    v = numer / tl.sum(numer, axis=0)[None, :]
+    v_offsets = b * num_feedback * N + (chan[:, None] - first_feedback).to(tl.int64) * N + pos[None, :]
+    tl.store(v_ptr + v_offsets, v.to(v_ptr.dtype.element_ty), mask=is_feedback[:, None] & pos_ok[None, :])
+
+
+@triton.autotune(**_AUTOTUNE)
+@triton.jit
+def _feedback_step_backward_kernel(
+    grad_h_ptr, grad_v_ptr, f_ptr, v_ptr, decay_ptr,
+    grad_h_in_ptr, grad_f_ptr, partial_ptr,
+    B, d, N, num_feedback, num_programs,
+    HAS_GRAD_H: tl.constexpr, HAS_GRAD_V: tl.constexpr,
+    D_PAD: tl.constexpr, USE_DOT: tl.constexpr, IS_FP32: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Persistent: program p handles tiles p, p + P, ... (tile = BLOCK_N positions of one b) and writes
+    grad_h_in = g, grad_f = M^T g per tile, and partial[p] = sum over its tiles of g f^T ([d, d])."""
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    num_tiles = tl.cast(num_n_blocks, tl.int64) * B
+    chan = tl.arange(0, D_PAD)
+    chan_ok = chan < d
+    square_mask = chan_ok[:, None] & chan_ok[None, :]
+    first_feedback = d - num_feedback
+    is_feedback = (chan >= first_feedback) & chan_ok
+
+    if USE_DOT:
+        # M^T as a [D_PAD, D_PAD] tile, loaded once per program: decay_t[i, j] = M[j, i].
+        decay_t = tl.load(decay_ptr + chan[None, :] * d + chan[:, None], mask=square_mask, other=0.0)
+    grad_decay = upcast(tl.zeros([D_PAD, D_PAD], dtype=partial_ptr.dtype.element_ty), IS_FP64)
+
+    for tile in range(pid, num_tiles, num_programs):
+        tile = tl.cast(tile, tl.int64)
+        b = tile // num_n_blocks
+        pos = (tile - b * num_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pos_ok = pos < N
+        tile_mask = chan_ok[:, None] & pos_ok[None, :]
+        batch_base = b * d * N
+        tile_offsets = batch_base + chan[:, None].to(tl.int64) * N + pos[None, :]
+
+        # g = grad_h (0 if absent), plus the softmax backward on the feedback rows.
+        if HAS_GRAD_H:
+            g = upcast(tl.load(grad_h_ptr + tile_offsets, mask=tile_mask, other=0.0), IS_FP64)
+        else:
+            g = upcast(tl.zeros([D_PAD, BLOCK_N], dtype=f_ptr.dtype.element_ty), IS_FP64)
+        if HAS_GRAD_V:
+            feedback_mask = is_feedback[:, None] & pos_ok[None, :]
+            v_offsets = b * num_feedback * N + (chan[:, None] - first_feedback).to(tl.int64) * N + pos[None, :]
+            v = upcast(tl.load(v_ptr + v_offsets, mask=feedback_mask, other=0.0), IS_FP64)
+            grad_v = upcast(tl.load(grad_v_ptr + v_offsets, mask=feedback_mask, other=0.0), IS_FP64)
+            v_dot_grad = tl.sum(v * grad_v, axis=0)
+            # where(): a NaN/Inf in v_dot_grad must not leak into the non-feedback rows through 0 * NaN.
+            g += tl.where(is_feedback[:, None], v * (grad_v - v_dot_grad[None, :]), 0.0)
+        tl.store(grad_h_in_ptr + tile_offsets, g.to(grad_h_in_ptr.dtype.element_ty), mask=tile_mask)
+
+        if USE_DOT:
+            f = tl.load(f_ptr + tile_offsets, mask=tile_mask, other=0.0)
+            g_in = g.to(f_ptr.dtype.element_ty)  # tensor cores take the input dtype; accumulation stays fp32
+            grad_f = _channel_mix_dot(decay_t, g_in, tl.zeros([D_PAD, BLOCK_N], dtype=tl.float32), IS_FP32)
+            tl.store(grad_f_ptr + tile_offsets, grad_f.to(grad_f_ptr.dtype.element_ty), mask=tile_mask)
+            grad_decay = _channel_mix_dot(g_in, tl.trans(f), grad_decay, IS_FP32)
+        else:
+            # Per input channel j: grad_f[j, :] = M[:, j] . g (reduce over rows); dM[:, j] += g . f[j, :].
+            f_row_ptr = f_ptr + batch_base + pos
+            grad_f_row_ptr = grad_f_ptr + batch_base + pos
+            for j in range(d):
+                f_row = upcast(tl.load(f_row_ptr, mask=pos_ok, other=0.0), IS_FP64)
+                decay_col = upcast(tl.load(decay_ptr + chan * d + j, mask=chan_ok, other=0.0), IS_FP64)
+                grad_f_row = tl.sum(decay_col[:, None] * g, axis=0)
+                tl.store(grad_f_row_ptr, grad_f_row.to(grad_f_ptr.dtype.element_ty), mask=pos_ok)
+                grad_decay_col = tl.sum(g * f_row[None, :], axis=1)
+                grad_decay += tl.where(chan[None, :] == j, grad_decay_col[:, None], 0.0)
+                f_row_ptr += N
+                grad_f_row_ptr += N
+
+    partial_offsets = pid.to(tl.int64) * d * d + chan[:, None] * d + chan[None, :]
+    tl.store(partial_ptr + partial_offsets, grad_decay, mask=square_mask)
+
+
+_FORWARD_INTERPRETED = kernel_is_interpreted(_feedback_step_forward_kernel)
+
+
+def _launch_flags(x: Tensor, d: int) -> dict:
+    use_dot = d >= _DOT_MIN_CHANNELS and x.dtype != torch.float64
+    return dict(D_PAD=max(triton.next_power_of_2(d), 2), USE_DOT=use_dot, **dtype_flags(x.dtype))
+
+
+@triton_op("fbkernels::feedback_step_forward_triton", mutates_args=())
+def _feedback_step_forward_op(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int) -> tuple[Tensor, Tensor]:
+    B, d, N = h.shape
+    h_next = torch.empty_like(h)
+    v = h.new_empty((B, num_feedback, N))
+    if B * N == 0:
+        return h_next, v
+    check_launchable(h, _FORWARD_INTERPRETED)
+
+    def grid(meta):
+        return (B * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    with device_guard(h.device):
+        wrap_triton(_feedback_step_forward_kernel)[grid](
+            h, f, decay, h_next, v, d, N, num_feedback, **_launch_flags(h, d)
+        )
+    return h_next, v
+
+
+@triton_op("fbkernels::feedback_step_backward_triton", mutates_args=())
+def _feedback_step_backward_op(
+    grad_h: Tensor | None, grad_v: Tensor | None, f: Tensor, v: Tensor, decay: Tensor, num_feedback: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    B, d, N = f.shape
+    grad_h_in = torch.empty_like(f)
+    grad_f = torch.empty_like(f)
+    grad_decay = torch.empty_like(decay)
+    if B * N == 0:
+        return grad_h_in, grad_f, grad_decay.zero_()
+    check_launchable(f, _FORWARD_INTERPRETED)
+    # The grid (and so the workspace) is fixed before autotuning picks BLOCK_N: programs loop over tiles.
+    num_programs = max(1, min(B * triton.cdiv(N, _MAX_BLOCK_N), max_resident_programs(f.device)))
+    partials = torch.empty((num_programs, d, d), dtype=partial_dtype(f.dtype), device=f.device)
+    with device_guard(f.device):
+        wrap_triton(_feedback_step_backward_kernel)[(num_programs,)](
+            grad_h if grad_h is not None else f,  # unread placeholder pointers when a gradient is absent
+            grad_v if grad_v is not None else v,
+            f, v, decay, grad_h_in, grad_f, partials,
+            B, d, N, num_feedback, num_programs,
+            HAS_GRAD_H=grad_h is not None, HAS_GRAD_V=grad_v is not None, **_launch_flags(f, d),
+        )
+        wrap_triton(sum_partials_kernel)[(triton.cdiv(d * d, _SUM_BLOCK),)](
+            partials, grad_decay, num_programs, d * d, BLOCK=_SUM_BLOCK
+        )
+    return grad_h_in, grad_f, grad_decay
+
+
+def feedback_step_forward(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int) -> tuple[Tensor, Tensor]:
+    """(h_next [B, d, N], v [B, k, N]) for contiguous h, f: [B, d, N] and decay: [d, d]; k = num_feedback."""
+    return torch.ops.fbkernels.feedback_step_forward_triton(h, f, decay, int(num_feedback))
+
+
+def feedback_step_backward(
+    grad_h: Tensor | None, grad_v: Tensor | None, f: Tensor, v: Tensor, decay: Tensor, num_feedback: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_h_in = g, grad_f = M^T g, grad_decay = sum g f^T) with g = grad_h + softmax backward of grad_v."""
+    return torch.ops.fbkernels.feedback_step_backward_triton(grad_h, grad_v, f, v, decay, int(num_feedback))
