@@ -1,0 +1,152 @@
+"""A plain U-Net and the two Feedback U-Net models of experiment A (DESIGN.md section 1.1).
+
+- ``UNet(in_channels, out_channels, width, depth)``: encoder of ``depth`` 2x max-pool stages
+  (widths ``width * 2**i``), decoder with bilinear upsampling and skip concatenation, each level two
+  3x3 conv + GroupNorm + ReLU blocks, a 1x1 conv to ``out_channels``. GroupNorm keeps no running
+  statistics, so recomputing a forward (checkpointed BPTT) is exact and has no side effects. Any
+  input size works (the decoder upsamples to each skip's size).
+- ``FeedbackUNet``: ``FeedbackLoop`` around a U-Net from [x, v] (in_channels + k) to the d = l + k
+  state channels, with a 1x1 conv head G from the l segmentation channels to the class logits.
+- ``FeedforwardUNet``: the same U-Net on x alone, one pass; with ``decay=True`` (the paper's "error
+  computation" variant) its output is mixed once by the static decay M(decay_step), through the same
+  fused ``fbkernels.feedback_step`` op starting from a zero state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fbkernels
+
+from .feedback import DecayMatrix, FeedbackLoop
+
+__all__ = ["UNet", "FeedbackUNet", "FeedforwardUNet"]
+
+
+def _num_groups(channels: int, max_groups: int = 8) -> int:
+    """Largest group count <= max_groups that divides ``channels`` (GroupNorm needs an exact split)."""
+    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+
+
+class ConvBlock(nn.Sequential):
+    """(3x3 conv, GroupNorm, ReLU) twice: [B, in_channels, H, W] -> [B, out_channels, H, W]."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.GroupNorm(_num_groups(out_channels), out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.GroupNorm(_num_groups(out_channels), out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """Plain U-Net: [B, in_channels, H, W] -> [B, out_channels, H, W]; ``depth`` down/up stages, base ``width``."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, width: int = 16, depth: int = 3):
+        super().__init__()
+        if in_channels < 1 or out_channels < 1 or width < 1 or depth < 0:
+            raise ValueError(
+                f"need in_channels, out_channels, width >= 1 and depth >= 0, got {in_channels}, {out_channels}, {width}, {depth}"
+            )
+        widths = [width * 2**i for i in range(depth + 1)]
+        self.inc = ConvBlock(in_channels, widths[0])
+        self.down = nn.ModuleList(ConvBlock(widths[i], widths[i + 1]) for i in range(depth))
+        # Decoder level i takes the upsampled level i+1 map concatenated with encoder level i's skip.
+        self.up = nn.ModuleList(ConvBlock(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(depth)))
+        self.out = nn.Conv2d(widths[0], out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = [self.inc(x)]
+        for block in self.down:
+            skips.append(block(F.max_pool2d(skips[-1], 2, ceil_mode=True)))
+        y = skips.pop()
+        for block in self.up:
+            skip = skips.pop()
+            y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            y = block(torch.cat([y, skip], dim=1))
+        return self.out(y)
+
+
+class FeedbackUNet(FeedbackLoop):
+    """Feedback U-Net: ``model(x, steps=T)`` -> list of T per-step logits [B, num_classes, H, W].
+
+    State h: [B, seg_channels + num_classes, H, W]; step t: f = UNet([x, v(t-1)]),
+    (h, v) = fbkernels.feedback_step(h, f, M(t-1)), logits(t) = G(h[:, :seg_channels]).
+    See ``FeedbackLoop`` for decay, softmax, learn_rates, bptt and backend.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        seg_channels: int = 16,
+        width: int = 16,
+        depth: int = 3,
+        tau: float = 1.0,
+        decay: bool = True,
+        softmax: bool = True,
+        learn_rates: bool = False,
+        bptt: str = "full",
+        backend: str | None = None,
+        steps: int = 5,
+    ):
+        state_channels = seg_channels + num_classes
+        super().__init__(
+            network=UNet(in_channels + num_classes, state_channels, width=width, depth=depth),
+            head=nn.Conv2d(seg_channels, num_classes, 1),
+            num_classes=num_classes,
+            seg_channels=seg_channels,
+            tau=tau,
+            decay=decay,
+            softmax=softmax,
+            learn_rates=learn_rates,
+            bptt=bptt,
+            backend=backend,
+            steps=steps,
+        )
+        self.in_channels = in_channels
+
+
+class FeedforwardUNet(nn.Module):
+    """The feedforward counterpart: ``model(x)`` -> logits [B, num_classes, H, W] from one U-Net pass.
+
+    f = UNet(x) with seg_channels + num_classes channels; h = M(decay_step) @ f per position if
+    ``decay`` (through fbkernels.feedback_step from a zero state) else f; logits = G(h[:, :seg_channels]).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        seg_channels: int = 16,
+        width: int = 16,
+        depth: int = 3,
+        decay: bool = False,
+        tau: float = 1.0,
+        decay_step: int = 5,
+        learn_rates: bool = False,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        if num_classes < 1 or seg_channels < 1:
+            raise ValueError(f"need num_classes >= 1 and seg_channels >= 1, got {num_classes}, {seg_channels}")
+        self.in_channels, self.num_classes, self.seg_channels = in_channels, num_classes, seg_channels
+        self.state_channels = seg_channels + num_classes
+        self.decay_step, self.backend = decay_step, backend
+        self.network = UNet(in_channels, self.state_channels, width=width, depth=depth)
+        self.head = nn.Conv2d(seg_channels, num_classes, 1)
+        self.decay = DecayMatrix(self.state_channels, tau=tau, learn_rates=learn_rates) if decay else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.network(x)
+        if self.decay is not None:
+            f, _ = fbkernels.feedback_step(
+                torch.zeros_like(f), f, self.decay(self.decay_step), self.num_classes, backend=self.backend
+            )
+        return self.head(f[:, : self.seg_channels])

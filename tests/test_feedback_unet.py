@@ -1,0 +1,210 @@
+"""Feedback U-Net models: return contract, the state update's math, gradients, BPTT modes, decay stability."""
+import pytest
+import torch
+
+import fbkernels
+from fbkernels.models import DecayMatrix, FeedbackLoop, FeedbackUNet, FeedforwardUNet, UNet, state_changes
+from fbkernels.train import step_loss
+
+FUSED = ["cpp", "triton"]
+
+
+def tiny(**kwargs):
+    options = dict(seg_channels=4, width=4, depth=2)
+    options.update(kwargs)
+    return FeedbackUNet(3, 2, **options)
+
+
+def test_unet_maps_any_size_to_the_requested_channels():
+    net = UNet(5, 7, width=4, depth=3)
+    assert net(torch.rand(2, 5, 20, 13)).shape == (2, 7, 20, 13)
+    assert UNet(1, 2, width=2, depth=0)(torch.rand(1, 1, 8, 8)).shape == (1, 2, 8, 8)
+
+
+def test_feedback_unet_returns_per_step_logits_and_states():
+    model = tiny()
+    x = torch.rand(2, 3, 20, 20)
+    logits = model(x, steps=3)
+    assert isinstance(logits, list) and len(logits) == 3
+    assert all(y.shape == (2, 2, 20, 20) for y in logits)
+    logits, states = model(x, steps=4, return_states=True)
+    assert len(logits) == len(states) == 4
+    assert all(h.shape == (2, 6, 20, 20) for h in states)
+    assert len(model(x)) == 5  # default T
+    with pytest.raises(ValueError):
+        model(x, steps=0)
+    with pytest.raises(ValueError):
+        tiny(bptt="truncated")
+
+
+def test_feedforward_unet_returns_one_logits_tensor():
+    x = torch.rand(2, 3, 16, 16)
+    for decay in (False, True):
+        out = FeedforwardUNet(3, 2, seg_channels=4, width=4, depth=2, decay=decay)(x)
+        assert isinstance(out, torch.Tensor) and out.shape == (2, 2, 16, 16)
+
+
+@pytest.mark.parametrize("softmax", [True, False])
+def test_state_update_follows_the_feedback_equations(softmax):
+    """h(t) = h(t-1) + M(t-1) f(t); the network sees [x, v(t-1)] with v(0) = 0 and v = softmax(h[:, d-k:])."""
+    torch.manual_seed(1)
+    model = tiny(softmax=softmax).double()
+    with torch.no_grad():  # move M away from the identity so a wrong step index would show
+        model.decay.basis_inv.add_(0.1 * torch.randn_like(model.decay.basis_inv))
+    seen_inputs, outputs = [], []
+
+    def record(module, args, out):
+        seen_inputs.append(args[0])
+        outputs.append(out)
+
+    model.network.register_forward_hook(record)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    logits, states = model(x, steps=3, return_states=True)
+    previous = torch.zeros_like(states[0])
+    for t, (h, f, inputs) in enumerate(zip(states, outputs, seen_inputs), start=1):
+        m = fbkernels.decay_matrix(model.decay.basis, model.decay.basis_inv, torch.ones(6, dtype=torch.float64), t - 1, 1.0)
+        torch.testing.assert_close(h, previous + torch.einsum("ij,bjhw->bihw", m, f))
+        assert torch.equal(inputs[:, :3], x)
+        if t == 1:
+            assert not inputs[:, 3:].any()
+        else:
+            expected_v = torch.softmax(previous[:, 4:], dim=1) if softmax else previous[:, 4:]
+            torch.testing.assert_close(inputs[:, 3:], expected_v)
+        torch.testing.assert_close(logits[t - 1], model.head(h[:, :4]))
+        previous = h
+
+
+def test_models_call_the_public_ops_with_their_backend(monkeypatch):
+    calls = []
+    real_step = fbkernels.feedback_step
+
+    def recording_step(h, f, decay, num_feedback, *, backend=None):
+        calls.append(backend)
+        return real_step(h, f, decay, num_feedback, backend=backend)
+
+    monkeypatch.setattr(fbkernels, "feedback_step", recording_step)
+    tiny(backend="eager")(torch.rand(1, 3, 8, 8), steps=3)
+    FeedforwardUNet(3, 2, width=4, depth=1, decay=True, backend="eager")(torch.rand(1, 3, 8, 8))
+    assert calls == ["eager"] * 4
+    with pytest.raises(ValueError, match="backend"):
+        tiny(backend="no-such-backend")(torch.rand(1, 3, 8, 8), steps=1)
+
+
+@pytest.mark.parametrize("learn_rates", [False, True])
+def test_gradients_reach_every_parameter(learn_rates):
+    model = tiny(learn_rates=learn_rates)
+    x, y = torch.rand(2, 3, 16, 16), torch.randint(0, 2, (2, 16, 16))
+    step_loss(model(x, steps=3), y).backward()
+    names = {name for name, _ in model.named_parameters()}
+    assert {"decay.basis", "decay.basis_inv"} <= names
+    assert ("decay.rate_logits" in names) == learn_rates
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+    ff = FeedforwardUNet(3, 2, seg_channels=4, width=4, depth=1, decay=True, learn_rates=learn_rates)
+    step_loss(ff(x), y).backward()
+    for name, p in ff.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_decay_matrix_module_starts_at_identity_and_keeps_rates_positive():
+    decay = DecayMatrix(5, tau=2.0, learn_rates=True)
+    torch.testing.assert_close(decay(0), torch.eye(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(decay(3), torch.eye(5) * torch.exp(torch.tensor(-1.5)), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        decay.rate_logits.fill_(-30.0)
+    assert (decay.rates > 0).all()
+
+
+def _loss_and_grads(model, x, y, steps):
+    model.zero_grad(set_to_none=True)
+    loss = step_loss(model(x, steps=steps), y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_checkpoint_mode_gives_the_same_gradients_as_full_mode():
+    torch.manual_seed(3)
+    model = tiny().double()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 2, (2, 16, 16))
+    full_loss, full_grads = _loss_and_grads(model, x, y, steps=4)
+    model.bptt = "checkpoint"
+    ckpt_loss, ckpt_grads = _loss_and_grads(model, x, y, steps=4)
+    torch.testing.assert_close(ckpt_loss, full_loss, rtol=1e-12, atol=0)
+    for name in full_grads:
+        torch.testing.assert_close(ckpt_grads[name], full_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def _peak_bytes(model, x, y, steps) -> int:
+    """Peak CPU memory (bytes) of one forward+backward, tracked per tensor storage by torch's MemTracker."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        step_loss(model(x, steps=steps), y).backward()
+    peak = tracker.get_tracker_snapshot("peak")
+    return sum(int(stats["Total"]) for stats in peak.values())
+
+
+def test_checkpoint_mode_uses_less_peak_memory_at_ten_steps():
+    pytest.importorskip("torch.distributed._tools.mem_tracker")
+    torch.manual_seed(0)
+    x, y = torch.rand(1, 3, 16, 16), torch.randint(0, 2, (1, 16, 16))
+    peaks = {}
+    for mode in ("full", "checkpoint"):
+        for steps in (5, 10):
+            torch.manual_seed(0)
+            peaks[mode, steps] = _peak_bytes(tiny(width=8, bptt=mode), x, y, steps)
+    print({f"{m}@T={t}": f"{b / 2**20:.2f} MiB" for (m, t), b in peaks.items()})
+    assert peaks["checkpoint", 10] < 0.5 * peaks["full", 10]
+    # Full BPTT keeps every step's U-Net activations: its peak grows with T several times faster.
+    full_growth = peaks["full", 10] - peaks["full", 5]
+    ckpt_growth = peaks["checkpoint", 10] - peaks["checkpoint", 5]
+    assert ckpt_growth < 0.5 * full_growth
+
+
+def test_with_decay_the_state_settles_and_without_it_does_not():
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        _, settling = tiny(decay=True)(x, steps=30, return_states=True)
+        _, drifting = tiny(decay=False)(x, steps=30, return_states=True)
+    decayed, undecayed = state_changes(settling), state_changes(drifting)
+    assert len(decayed) == 29
+    assert decayed[-1] < 1e-9 * decayed[0]  # M(t) = e^{-t} I at initialisation
+    assert undecayed[-1] > 0.3 * undecayed[0]  # a constant-size update every step
+
+
+def test_feedback_loop_wraps_a_user_network():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(2 + 3, 4 + 3, 1)
+
+        def forward(self, inputs):
+            return self.conv(inputs)
+
+    model = FeedbackLoop(Tiny(), torch.nn.Conv1d(4, 3, 1), num_classes=3, seg_channels=4, steps=2)
+    logits = model(torch.rand(5, 2, 11))  # 1-D positions: any spatial rank works
+    assert [y.shape for y in logits] == [(5, 3, 11)] * 2
+    bad = FeedbackLoop(torch.nn.Conv1d(5, 6, 1), torch.nn.Conv1d(4, 3, 1), num_classes=3, seg_channels=4)
+    with pytest.raises(ValueError, match="channels"):
+        bad(torch.rand(5, 2, 11))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backends_match_eager_through_the_model(backend):
+    if backend not in fbkernels.available_backends("cpu"):
+        pytest.skip(f"backend {backend} not available here")
+    torch.manual_seed(0)
+    model = tiny(width=4)
+    x, y = torch.rand(2, 3, 12, 12), torch.randint(0, 2, (2, 12, 12))
+    model.backend = "eager"
+    eager_loss, eager_grads = _loss_and_grads(model, x, y, steps=3)
+    model.backend = backend
+    fused_loss, fused_grads = _loss_and_grads(model, x, y, steps=3)
+    torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name in eager_grads:
+        torch.testing.assert_close(fused_grads[name], eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)

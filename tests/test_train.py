@@ -1,0 +1,171 @@
+"""fbkernels.train and fbkernels.metrics: losses, fit (loss goes down, backends agree, resume, DDP), evaluation."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fbkernels
+from fbkernels import metrics, train
+from fbkernels.data import PolygonDataset
+from fbkernels.models import FeedbackUNet
+
+REPO = Path(__file__).resolve().parents[1]
+FUSED = ["cpp", "triton"]
+# Loss curves of the same seeded run through the eager and a fused backend: float32 kernels sum in a
+# different order, and Adam carries the rounding differences forward, so the curves agree closely but
+# not bit for bit.
+LOSS_CURVE_RTOL = 1e-3
+
+
+# ---------------------------------------------------------------- losses and metrics
+
+def test_step_loss_is_the_weighted_sum_of_per_step_cross_entropies():
+    target = torch.randint(0, 3, (2, 5, 5))
+    logits = [torch.randn(2, 3, 5, 5) for _ in range(3)]
+    expected = sum(w * F.cross_entropy(y, target) for w, y in zip((0.5, 1.0, 2.0), logits))
+    torch.testing.assert_close(train.step_loss(logits, target, weights=(0.5, 1.0, 2.0)), expected)
+    torch.testing.assert_close(train.step_loss(logits, target), sum(F.cross_entropy(y, target) for y in logits))
+    flat = torch.randn(4, 10)
+    labels = torch.randint(0, 10, (4,))
+    torch.testing.assert_close(train.step_loss(flat, labels), F.cross_entropy(flat, labels))
+    with pytest.raises(ValueError):
+        train.step_loss(logits, target, weights=(1.0,))
+
+
+def test_f1_accuracy_and_random_baseline():
+    target = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0])
+    pred = torch.tensor([1, 1, 0, 1, 0, 0, 0, 0])
+    counts = metrics.binary_counts(pred, target)
+    assert (counts.tp, counts.fp, counts.fn) == (2, 1, 1)
+    assert metrics.f1_score(pred, target) == pytest.approx(2 / 3, abs=1e-6)
+    assert metrics.f1_score(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)) == 0.0
+    assert metrics.accuracy(pred, target) == pytest.approx(6 / 8)
+    assert metrics.random_baseline_f1(0.2) == pytest.approx(0.2, abs=1e-6)
+    assert metrics.random_baseline_f1(0.2, 0.5) == pytest.approx(2 * 0.2 * 0.5 / 0.7, abs=1e-6)
+    # The formula is what a random labeller scores on average.
+    gen = torch.Generator().manual_seed(0)
+    labels = (torch.rand(200_000, generator=gen) < 0.1).long()
+    guesses = (torch.rand(200_000, generator=gen) < 0.1).long()
+    assert metrics.f1_score(guesses, labels) == pytest.approx(metrics.random_baseline_f1(0.1), abs=0.01)
+    assert metrics.mean_std([1.0, 3.0]) == pytest.approx((2.0, 2**0.5))
+
+
+def test_evaluate_pools_pixels_and_reads_the_last_step():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):  # step 1 predicts background everywhere, step 2 copies the input
+            return [torch.stack([torch.ones_like(x[:, 0]), torch.zeros_like(x[:, 0])], 1), torch.stack([1 - x[:, 0], x[:, 0]], 1)]
+
+    ds = PolygonDataset(4, image_size=16, sigma=0.0, seed=0)
+    result = train.evaluate(Fixed(), ds, batch_size=3, positive_class=1, loss_fn=train.step_loss)
+    assert result["f1"] == pytest.approx(1.0, abs=1e-6) and result["accuracy"] == 1.0
+    assert result["loss"] > 0
+    first = train.evaluate(Fixed(), ds, positive_class=1, output_fn=lambda out: out[0])
+    assert first["f1"] == 0.0
+
+
+# ---------------------------------------------------------------- fit
+
+def _tiny_run(backend="eager", epochs=3, checkpoint=None, loss_fn=None, seed=0):
+    torch.manual_seed(seed)
+    model = FeedbackUNet(3, 2, seg_channels=4, width=4, depth=2, backend=backend, steps=3)
+    data = PolygonDataset(8, image_size=16, sigma=0.3, seed=seed, train=True)
+    history = train.fit(
+        model, data, loss_fn=loss_fn or train.step_loss, epochs=epochs, batch_size=2, lr=0.01,
+        lr_halve_every=2, seed=seed, checkpoint=checkpoint, progress=False,
+        val_set=PolygonDataset(2, image_size=16, sigma=0.3, seed=seed + 1),
+        eval_fn=lambda m, d: train.evaluate(m, d, positive_class=1),
+    )
+    return model, history
+
+
+def test_a_tiny_training_run_lowers_the_loss():
+    _, history = _tiny_run(epochs=4)
+    assert history["epochs_run"] == 4 and len(history["train_loss"]) == 4 and len(history["val"]) == 4
+    assert set(history["val"][0]) == {"accuracy", "f1"}
+    assert history["train_loss"][-1] < 0.7 * history["train_loss"][0]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backend_follows_the_eager_loss_curve(backend):
+    if backend not in fbkernels.available_backends("cpu"):
+        pytest.skip(f"backend {backend} not available here")
+    eager_model, eager = _tiny_run("eager")
+    fused_model, fused = _tiny_run(backend)
+    for a, b in zip(fused["train_loss"], eager["train_loss"]):
+        assert a == pytest.approx(b, rel=LOSS_CURVE_RTOL)
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
+    reference_model, reference = _tiny_run(epochs=3)
+
+    calls = {"n": 0}
+
+    def crash_in_third_epoch(out, target):
+        calls["n"] += 1
+        if calls["n"] == 9:  # 4 batches per epoch: the first batch of epoch 3
+            raise KeyboardInterrupt
+        return train.step_loss(out, target)
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(epochs=3, checkpoint=ckpt, loss_fn=crash_in_third_epoch)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+    resumed_model, resumed = _tiny_run(epochs=3, checkpoint=ckpt)
+    assert resumed["epochs_run"] == 3
+    assert resumed["train_loss"] == reference["train_loss"]
+    for (name, a), b in zip(resumed_model.state_dict().items(), reference_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # A finished run's checkpoint is a no-op to resume.
+    again_model, again = _tiny_run(epochs=3, checkpoint=ckpt)
+    assert again["train_loss"] == reference["train_loss"]
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from fbkernels import train
+    from fbkernels.data import PolygonDataset
+    from fbkernels.models import FeedbackUNet
+
+    out = sys.argv[1]
+    torch.manual_seed(0)
+    model = FeedbackUNet(3, 2, seg_channels=4, width=4, depth=1, steps=2, backend="eager")
+    data = PolygonDataset(8, image_size=16, sigma=0.3, seed=0, train=True)
+    history = train.fit(model, data, loss_fn=train.step_loss, epochs=2, batch_size=2, lr=0.01,
+                        progress=False, checkpoint=f"{out}/ckpt.pt")
+    rank = dist.get_rank()
+    torch.save({"state": model.state_dict(), "history": history, "world": dist.get_world_size()}, f"{out}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_two_process_ddp_on_cpu_ends_with_equal_weights(tmp_path):
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert rank0["world"] == rank1["world"] == 2
+    assert rank0["history"]["train_loss"] == rank1["history"]["train_loss"]  # all-reduced across ranks
+    for name, a in rank0["state"].items():
+        assert torch.equal(a, rank1["state"][name]), name
+    # Rank 0 wrote the checkpoint, and it holds the final weights.
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert saved["epoch"] == 2
+    for name, a in rank0["state"].items():
+        assert torch.equal(a, saved["model"][name]), name
+    # Training happened: the weights moved away from the common initialisation.
+    torch.manual_seed(0)
+    init = FeedbackUNet(3, 2, seg_channels=4, width=4, depth=1, steps=2).state_dict()
+    assert any(not torch.equal(init[n], a) for n, a in rank0["state"].items())
