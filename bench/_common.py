@@ -1,0 +1,381 @@
+"""Shared helpers of the fbkernels benchmarks: timing, peak memory, peak bandwidth, JSON, markdown, README table.
+
+Timing (``time_fns``): warm-up calls first (at least two and ``warmup_s`` seconds; they include any
+torch.compile compilation and are excluded), then timed calls in interleaved rounds (one call of every
+compared provider per round, rotating order, so load from other processes on a shared machine hits all
+alike); figures are the median and the 20th/80th percentiles over the rounds.
+  - CPU: ``time.perf_counter`` around each call (torch's default intra-op thread count).
+  - CUDA: a CUDA event pair around each call, with the L2 cache flushed (a 256 MiB buffer zeroed)
+    before each call, like ``triton.testing.do_bench``; one synchronisation after all calls.
+
+Peak memory of a pass (``peak_memory_bytes``), in bytes above the level at the start of the pass (inputs
+that exist beforehand are not counted; outputs, saved activations, temporaries and gradients are):
+  - CPU: there is no CPU allocator statistic in PyTorch, so the pass runs once more (untimed) under
+    ``torch.profiler.profile(profile_memory=True)``; every allocation and free of torch's CPU
+    allocator is an event with its byte count, and the peak is the maximum of their running sum.
+    Memory a compiled kernel allocates outside torch's allocator (malloc inside C++) is not seen.
+  - CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the
+    allocated bytes at the start.
+
+Peak bandwidth (``measure_peak_bandwidth``): a large copy ``dst.copy_(src)`` on the device (256 MiB on
+CPU, up to 1 GiB on GPU), timed like any pass; peak = (bytes read + bytes written) / median time.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import glob
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+MIB = 1 << 20
+
+
+def import_fbkernels():
+    """Import fbkernels; fall back to the source tree when it is not installed (the C++ backend then needs a build)."""
+    try:
+        import fbkernels
+    except ImportError:
+        sys.path.insert(0, str(REPO_ROOT))
+        import fbkernels
+    return fbkernels
+
+
+# ---------------------------------------------------------------- device
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable name of the device, e.g. "NVIDIA H100 80GB HBM3" or "AMD EPYC (2 threads)"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory the benchmark may use: MemAvailable on Linux CPUs, cudaMemGetInfo's free bytes on GPUs."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30  # unknown: assume a modest machine
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- timing
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+    warmup_s: float  # wall time of the warm-up calls (includes torch.compile's compilation)
+
+
+_L2_FLUSH: dict[torch.device, torch.Tensor] = {}
+
+
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    if device not in _L2_FLUSH:
+        _L2_FLUSH[device] = torch.empty(256 * MIB, dtype=torch.int8, device=device)
+    return _L2_FLUSH[device]
+
+
+def _summarise(times_ms: list[float], warmup_s: float) -> Timing:
+    p20, median, p80 = np.percentile(np.asarray(times_ms), [20, 50, 80])
+    return Timing(float(median), float(p20), float(p80), len(times_ms), warmup_s)
+
+
+def time_fns(fns: dict, device: torch.device, *, budget_s: float = 0.3, min_repeats: int = 5,
+             max_repeats: int = 100, warmup_s: float = 0.05, warmup_calls: int = 2) -> dict:
+    """{name: Timing} of each no-argument callable, timed in interleaved rounds.
+
+    Each callable is warmed up first (at least ``warmup_calls`` calls and ``warmup_s`` seconds; compilation
+    happens here; the last warm-up call's time sizes the run), then every round calls each callable once, in a rotating order, so that load from other
+    processes on a shared machine falls on all of them alike and their ratios stay honest. The number
+    of rounds fills about ``budget_s`` seconds, clamped to [min_repeats, max_repeats].
+    """
+    names = list(fns)
+    warmups, estimates = {}, {}
+    for name in names:
+        fn = fns[name]
+        start = time.perf_counter()
+        calls = 0
+        while calls < max(1, warmup_calls) or time.perf_counter() - start < warmup_s:
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            estimates[name] = max(time.perf_counter() - t0, 1e-6)
+            calls += 1
+        warmups[name] = time.perf_counter() - start
+    repeats = int(min(max_repeats, max(min_repeats, budget_s / sum(estimates.values()))))
+
+    times_ms: dict[str, list[float]] = {name: [] for name in names}
+    if device.type == "cuda":
+        flush = _l2_flush_buffer(device)
+        recorded = []
+        for round_index in range(repeats):
+            for j in range(len(names)):
+                name = names[(round_index + j) % len(names)]
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                flush.zero_()
+                begin.record()
+                fns[name]()
+                end.record()
+                recorded.append((name, begin, end))
+        torch.cuda.synchronize(device)
+        for name, begin, end in recorded:
+            times_ms[name].append(begin.elapsed_time(end))
+    else:
+        for round_index in range(repeats):
+            for j in range(len(names)):
+                name = names[(round_index + j) % len(names)]
+                t0 = time.perf_counter()
+                fns[name]()
+                times_ms[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: _summarise(times_ms[name], warmups[name]) for name in names}
+
+
+def time_fn(fn, device: torch.device, **kwargs) -> Timing:
+    """Median / p20 / p80 milliseconds of ``fn()`` after warm-up (see ``time_fns``)."""
+    return time_fns({"fn": fn}, device, **kwargs)["fn"]
+
+
+# ---------------------------------------------------------------- memory
+
+PEAK_MEM_METHOD = {
+    "cpu": "torch.profiler(profile_memory=True) CPU-allocator events of one untimed pass: peak of the running sum of "
+           "allocated bytes above the level at the start of the pass (pre-existing inputs excluded; memory "
+           "allocated outside torch's allocator is not seen)",
+    "cuda": "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() at the start "
+            "of the pass (pre-existing inputs excluded)",
+}
+
+TIMING_METHOD = {
+    "cpu": "time.perf_counter around each call after warm-up (compilation excluded); compared providers interleaved "
+           "call by call; median, p20, p80 over repeats; torch default intra-op threads; no cache flush between calls",
+    "cuda": "CUDA events around each call after warm-up (compilation excluded), L2 flushed (256 MiB zeroed) before "
+            "each call; compared providers interleaved call by call; median, p20, p80 over repeats",
+}
+
+
+def peak_memory_bytes(fn, device: torch.device) -> int:
+    """Peak bytes allocated during one call of ``fn`` above the allocated level when it starts (see module doc)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del result
+        return int(peak)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result  # freeing the outputs inside the window keeps the event stream balanced; the peak is unaffected
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return int(peak)
+
+
+def measure_peak_bandwidth(device: torch.device, *, nbytes: int | None = None, budget_s: float = 1.0) -> tuple[float, int]:
+    """(GB/s, bytes copied) of a large device-local copy: (read + write bytes) / median time."""
+    if nbytes is None:
+        nbytes = 256 * MIB if device.type == "cpu" else min(1 << 30, available_memory_bytes(device) // 8)
+    numel = nbytes // 4
+    src = torch.ones(numel, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda: dst.copy_(src), device, budget_s=budget_s, min_repeats=5, max_repeats=50)
+    moved = 2 * numel * 4
+    del src, dst
+    return moved / (timing.median_ms * 1e-3) / 1e9, moved
+
+
+# ---------------------------------------------------------------- output
+
+def header(device: torch.device, script: str, argv: list[str]) -> dict:
+    """The common top of every result JSON."""
+    import fbkernels
+
+    return {
+        "script": script,
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "fbkernels": fbkernels.__version__,
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "num_threads": torch.get_num_threads(),
+        "timing_method": TIMING_METHOD[device.type],
+        "peak_mem_method": PEAK_MEM_METHOD[device.type],
+        "argv": argv,
+    }
+
+
+def result_path(out_dir: Path, script: str, device: torch.device, *, smoke: bool = False) -> Path:
+    """<out>/<script>_<device slug>_<date>[_smoke].json: one file per script, device and day (a rerun replaces it).
+
+    Smoke runs get their own name so that they never replace a real run's figures.
+    """
+    stamp = _dt.date.today().isoformat()
+    return Path(out_dir) / f"{script}_{slug(device_name(device))}_{stamp}{'_smoke' if smoke else ''}.json"
+
+
+def write_json(payload: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=1, allow_nan=True)
+        handle.write("\n")
+    return path
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    def cell(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            if math.isnan(value):
+                return "-"
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def shape_str(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def ratio(numerator, denominator):
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def new_figure(nrows: int, ncols: int, width: float = 5.0, height: float = 3.6):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- README table
+
+def _latest(out_dir: Path, script: str) -> dict[str, dict]:
+    """Newest result JSON of ``script`` per device in ``out_dir`` (by the date recorded inside)."""
+    latest: dict[str, dict] = {}
+    for name in glob.glob(str(Path(out_dir) / f"{script}_*.json")):
+        try:
+            with open(name) as handle:
+                payload = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        if payload.get("smoke"):
+            continue  # figures of a smoke run mean nothing
+        key = payload.get("device", "?")
+        if key not in latest or payload.get("date", "") > latest[key].get("date", ""):
+            latest[key] = payload
+    return latest
+
+
+def update_readme_table(out_dir: Path) -> Path:
+    """Rewrite <out_dir>/README_table.md from the newest step_throughput and train_step JSON of each device."""
+    sections = ["<!-- generated by bench/_common.py from the newest bench/results/*.json; do not edit by hand -->"]
+    throughput = _latest(out_dir, "step_throughput")
+    training = _latest(out_dir, "train_step")
+    for device in sorted(set(throughput) | set(training)):
+        if device in throughput:
+            payload = throughput[device]
+            headline = payload.get("headline") or []
+            if headline:
+                sections.append(
+                    f"**feedback_step on {device}** (torch {payload['torch']}, {payload['date'][:10]}, "
+                    f"peak copy bandwidth {payload['peak_gbps']:.1f} GB/s; `python bench/step_throughput.py`)\n"
+                )
+                sections.append(markdown_table(
+                    ["shape [B,d,H,W], k=2", "dtype", "provider", "fwd ms", "fwd_bwd ms", "fwd_bwd GB/s",
+                     "fwd_bwd peak MiB", "speed-up vs eager (fwd / fwd_bwd)"],
+                    [[h["shape"], h["dtype"], h["provider"], h["fwd_ms"], h["fwd_bwd_ms"], h["fwd_bwd_gbps"],
+                      h["fwd_bwd_peak_mem_mib"],
+                      "-" if h["fwd_speedup"] is None else f"{h['fwd_speedup']:.2f}x / {h['fwd_bwd_speedup']:.2f}x"]
+                     for h in headline],
+                ))
+        if device in training:
+            payload = training[device]
+            headline = payload.get("headline") or []
+            if headline:
+                sections.append(
+                    f"\n**Training step on {device}** (torch {payload['torch']}, {payload['date'][:10]}; "
+                    f"`python bench/train_step.py`)\n"
+                )
+                sections.append(markdown_table(
+                    ["model", "input [B,C,H,W]", "steps T", "ops", "bptt", "step ms", "peak MiB"],
+                    [[h["model"], h["shape"], h["steps"], h["provider"], h["bptt"], h["ms"], h["peak_mem_mib"]]
+                     for h in headline],
+                ))
+                notes = payload.get("headline_notes") or []
+                if notes:
+                    sections.append("\n" + "\n".join(f"- {note}" for note in notes))
+        sections.append("")
+    path = Path(out_dir) / "README_table.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(sections) + "\n")
+    return path

@@ -1,0 +1,450 @@
+"""Throughput of the fbkernels ops (feedback_step, context_gate) per provider: time, bandwidth, peak memory.
+
+    python bench/step_throughput.py                 # best device present; the quick sweep on CPU, full on GPU
+    python bench/step_throughput.py --device cpu --full --providers eager,cpp --dtype float64 --out /tmp/res
+
+Providers (each only where it can run; see ``--providers``):
+  eager    fbkernels.feedback_step / context_gate with backend="eager": the reference code of
+           fbkernels/_reference.py that the tests check every backend against (its hand-written backward).
+  compile  torch.compile(dynamic=False) of that same reference forward; fwd_bwd differentiates it with
+           torch autograd (AOTAutograd compiles the backward too). Compiled once per shape and pass, during
+           the warm-up, which is excluded from the timings (its wall time is the row's "warmup_s").
+  cpp, cuda, triton   the fused backends through the public API (backend=...). triton on CPU tensors runs
+           only under TRITON_INTERPRET=1 and is left out of the default providers there: the interpreter is a
+           test vehicle, not a performance path.
+
+Passes: "fwd" (outputs only, inputs without requires_grad) and "fwd_bwd" (forward, then
+torch.autograd.grad of both outputs with given upstream gradients to every input).
+
+Achieved bandwidth = minimal bytes moved / median time, with itemsize s, N = H*W, k = num_feedback:
+  feedback_step fwd      reads h, f, M; writes h_next, v           (3*B*d*N + B*k*N + d*d) * s
+  feedback_step fwd_bwd  fwd + backward: reads grad_h, grad_v, f, v, M; writes grad_h_in, grad_f, grad_M
+                         fwd + (4*B*d*N + 2*B*k*N + 2*d*d) * s
+  context_gate  fwd      reads h, gate_logits; writes out          (2*B*C*N + B*C) * s
+  context_gate  fwd_bwd  fwd + reads grad_out, h, gate_logits; writes grad_h, grad_gate_logits
+                         fwd + (3*B*C*N + 2*B*C) * s
+frac_peak = achieved / peak, the peak being a large same-device copy measured in the same run.
+Timing, memory and bandwidth methods: see bench/_common.py (also recorded in the JSON).
+Before timing, each provider's result is compared with eager's ("matches_eager" in the JSON).
+
+Outputs: a markdown table on stdout; <out>/step_throughput_<device>_<date>.json of the form
+{"device", "torch", "peak_gbps", "results": [{"op", "provider", "dtype", "shape", "pass", "ms", "gbps",
+"frac_peak", "peak_mem_mib", ...}], "headline": [...], ...}; a PNG plot next to it; <out>/README_table.md.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import _common as common
+
+fbkernels = common.import_fbkernels()
+from fbkernels import _reference  # noqa: E402  (after the import fallback above)
+
+PROVIDERS = ("eager", "compile", "cpp", "triton", "cuda")
+PASSES = ("fwd", "fwd_bwd")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The headline: the Feedback U-Net state (l = 16 segmentation + k = 2 feedback channels) at batch 8.
+HEADLINE_SHAPES = ((8, 18, 128, 128), (8, 18, 512, 512))
+NUM_FEEDBACK = 2
+# The maps CBL-CNN gates: the outputs of its 4 blocks (2 convs of 64, 128, 256, 512 channels, then a 2x2 max
+# pool; fbkernels.models.StandardCNN) on 32x32 CIFAR images at the paper's batch of 128.
+CBL_FEATURE_MAPS = ((128, 64, 16, 16), (128, 128, 8, 8), (128, 256, 4, 4), (128, 512, 2, 2))
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # "feedback_step" or "context_gate"
+    shape: tuple  # [B, d, H, W] for feedback_step, [B, C, H, W] for context_gate
+    sweep: str  # which sweep the case belongs to: "size", "batch", "d" or "cbl"
+    num_feedback: int = NUM_FEEDBACK
+    alpha: float = 0.0
+
+
+@dataclass
+class Sweep:
+    cases: list[Case]
+    budget_s: float  # timed seconds per (case, provider, pass), roughly
+    min_repeats: int
+    warmup_s: float
+    extra: dict = field(default_factory=dict)
+
+
+def make_sweep(kind: str) -> Sweep:
+    fb, cg = "feedback_step", "context_gate"
+    if kind == "smoke":
+        cases = [Case(fb, (2, 6, 16, 16), "size"), Case(fb, (8, 18, 128, 128), "size"), Case(cg, (4, 8, 8, 8), "cbl")]
+        return Sweep(cases, budget_s=0.01, min_repeats=3, warmup_s=0.0)
+    if kind == "quick":
+        cases = [Case(fb, (8, 18, s, s), "size") for s in (64, 128, 256)]
+        cases += [Case(fb, (b, 18, 128, 128), "batch") for b in (1, 32)]
+        cases += [Case(fb, (8, d, 128, 128), "d") for d in (4, 64)]
+        cases += [Case(cg, shape, "cbl") for shape in CBL_FEATURE_MAPS[:2]]
+        return Sweep(cases, budget_s=0.25, min_repeats=5, warmup_s=0.05)
+    cases = []
+    for batch in (1, 8, 32):
+        cases += [Case(fb, (batch, 18, s, s), "size" if batch == 8 else "batch") for s in (64, 128, 256, 512)]
+    cases += [Case(fb, (8, d, 256, 256), "d") for d in (4, 8, 16, 32, 64)]
+    cases += [Case(cg, shape, "cbl") for shape in CBL_FEATURE_MAPS]
+    return Sweep(cases, budget_s=1.0, min_repeats=10, warmup_s=0.2)
+
+
+# ---------------------------------------------------------------- bytes and footprint
+
+def minimal_bytes(case: Case, pass_name: str, itemsize: int) -> int:
+    """Bytes a perfect kernel must move for the pass (formulas in the module docstring)."""
+    batch, channels = case.shape[:2]
+    n = math.prod(case.shape[2:])
+    if case.op == "feedback_step":
+        d, k = channels, case.num_feedback
+        fwd = 3 * batch * d * n + batch * k * n + d * d
+        bwd = 4 * batch * d * n + 2 * batch * k * n + 2 * d * d
+    else:
+        fwd = 2 * batch * channels * n + batch * channels
+        bwd = 3 * batch * channels * n + 2 * batch * channels
+    return (fwd + (bwd if pass_name == "fwd_bwd" else 0)) * itemsize
+
+
+def footprint_bytes(case: Case, itemsize: int) -> int:
+    """Generous bound on what one fwd_bwd case holds at once (inputs, upstream grads, outputs, eager temporaries)."""
+    return 14 * math.prod(case.shape) * itemsize
+
+
+# ---------------------------------------------------------------- providers
+
+def make_inputs(case: Case, dtype: torch.dtype, device: torch.device) -> dict:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
+
+    batch, channels = case.shape[:2]
+    spatial = case.shape[2:]
+    if case.op == "feedback_step":
+        k = case.num_feedback
+        decay = torch.linalg.matrix_exp(-torch.eye(channels) + 0.1 * torch.randn(channels, channels, generator=gen))
+        return {
+            "h": randn(*case.shape), "f": randn(*case.shape), "decay": decay.to(device=device, dtype=dtype),
+            "grad_h": randn(*case.shape), "grad_v": randn(batch, k, *spatial),
+        }
+    return {"h": randn(*case.shape), "gate_logits": randn(batch, channels), "grad_out": randn(*case.shape)}
+
+
+def forward_fn(provider: str, case: Case):
+    """fn(*op inputs) -> outputs for the provider; compile gets a fresh compilation for this case."""
+    if case.op == "feedback_step":
+        if provider == "compile":
+            torch._dynamo.reset()  # one static-shape graph per case: no recompile limit, no stale guards
+            compiled = torch.compile(_reference.feedback_step_forward, dynamic=False)
+            return lambda h, f, decay: compiled(h, f, decay, case.num_feedback)
+        return lambda h, f, decay: fbkernels.feedback_step(h, f, decay, case.num_feedback, backend=provider)
+    if provider == "compile":
+        torch._dynamo.reset()
+        compiled = torch.compile(_reference.context_gate_forward, dynamic=False)
+        return lambda h, gate_logits: compiled(h, gate_logits, case.alpha)
+    return lambda h, gate_logits: fbkernels.context_gate(h, gate_logits, case.alpha, backend=provider)
+
+
+def pass_fn(provider: str, case: Case, pass_name: str, inputs: dict):
+    """A no-argument callable running one pass, returning its outputs (fwd) or input gradients (fwd_bwd)."""
+    forward = forward_fn(provider, case)
+    if case.op == "feedback_step":
+        names, upstream = ("h", "f", "decay"), (inputs["grad_h"], inputs["grad_v"])
+    else:
+        names, upstream = ("h", "gate_logits"), (inputs["grad_out"],)
+    if pass_name == "fwd":
+        args = [inputs[name] for name in names]
+        return lambda: forward(*args)
+    leaves = [inputs[name].detach().requires_grad_() for name in names]  # share storage: no extra memory
+
+    def fwd_bwd():
+        outputs = forward(*leaves)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return torch.autograd.grad(outputs, leaves, upstream)
+
+    return fwd_bwd
+
+
+def outputs_match(result, reference, dtype: torch.dtype) -> bool:
+    result = result if isinstance(result, (tuple, list)) else (result,)
+    reference = reference if isinstance(reference, (tuple, list)) else (reference,)
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    return all(
+        torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+        for a, b in zip(result, reference)
+    )
+
+
+def select_providers(requested: list[str] | None, device: torch.device) -> tuple[list[str], list[str]]:
+    """(providers to run, notes on the ones left out)."""
+    available = fbkernels.available_backends(device)
+    notes = []
+    if requested is None:
+        candidates = list(PROVIDERS)
+        if device.type == "cpu" and "triton" in available:
+            available = [name for name in available if name != "triton"]
+            notes.append("triton: left out on CPU (interpreter only); ask for it with --providers")
+    else:
+        candidates = requested
+    chosen = []
+    for name in candidates:
+        if name == "compile" or name in available:
+            chosen.append(name)
+        elif requested is not None or name != "triton" or device.type != "cpu":
+            notes.append(f"{name}: not available on {device.type} (available: {', '.join(available)})")
+    return chosen, notes
+
+
+# ---------------------------------------------------------------- run
+
+def run(args) -> dict:
+    device = torch.device(args.device or common.default_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = DTYPES[args.dtype]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if args.smoke:
+        kind = "smoke"
+    elif args.quick is None:
+        kind = "quick" if device.type == "cpu" else "full"
+    else:
+        kind = "quick" if args.quick else "full"
+    sweep = make_sweep(kind)
+    requested = None if args.providers is None else [p.strip() for p in args.providers.split(",") if p.strip()]
+    for name in requested or ():
+        if name not in PROVIDERS:
+            raise SystemExit(f"--providers: unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+    providers, notes = select_providers(requested, device)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+    started = time.perf_counter()
+    peak_gbps, copy_bytes = common.measure_peak_bandwidth(device, budget_s=0.1 if kind == "smoke" else 1.0,
+                                                          nbytes=16 * common.MIB if kind == "smoke" else None)
+    print(f"{common.device_name(device)}: peak copy bandwidth {peak_gbps:.1f} GB/s "
+          f"({copy_bytes / common.MIB:.0f} MiB moved per copy); sweep {kind}, {args.dtype}, providers "
+          f"{', '.join(providers)}", file=sys.stderr)
+
+    from tqdm import tqdm
+
+    rows, skipped = [], []
+    memory_limit = common.available_memory_bytes(device) * 0.6
+    progress = tqdm(total=len(sweep.cases) * len(PASSES) * len(providers), desc="step_throughput", file=sys.stderr,
+                    disable=args.no_progress)
+    for case in sweep.cases:
+        if footprint_bytes(case, itemsize) > memory_limit:
+            skipped.append({"op": case.op, "shape": list(case.shape), "reason": "would not fit in free memory"})
+            progress.update(len(PASSES) * len(providers))
+            continue
+        inputs = make_inputs(case, dtype, device)
+        for pass_name in PASSES:
+            progress.set_postfix_str(f"{case.op} {common.shape_str(case.shape)} {pass_name}")
+            measured, failed = measure(case, pass_name, providers, inputs, sweep, device, dtype, itemsize, peak_gbps)
+            rows += measured
+            skipped += failed
+            for row in failed:
+                print(f"skip: {row}", file=sys.stderr)
+            progress.update(len(providers))
+        del inputs
+    progress.close()
+
+    for row in rows:  # speed-up against eager on the same case and pass
+        eager = next((r for r in rows if r["provider"] == "eager" and r["op"] == row["op"]
+                      and r["shape"] == row["shape"] and r["pass"] == row["pass"]), None)
+        row["speedup_vs_eager"] = common.ratio(eager and eager["ms"], row["ms"])
+
+    payload = common.header(device, "step_throughput", sys.argv[1:])
+    payload.update({
+        "sweep": kind, "smoke": kind == "smoke", "dtype": args.dtype, "providers": providers, "peak_gbps": peak_gbps,
+        "peak_copy_bytes": copy_bytes, "bytes_formula": BYTES_FORMULA, "results": rows, "skipped": skipped,
+        "notes": notes,
+    })
+    payload["headline"] = headline(rows, args.dtype)
+    payload["elapsed_s"] = time.perf_counter() - started
+    return payload
+
+
+BYTES_FORMULA = {
+    "feedback_step": {"fwd": "(3*B*d*N + B*k*N + d*d) * itemsize",
+                      "fwd_bwd": "fwd + (4*B*d*N + 2*B*k*N + 2*d*d) * itemsize"},
+    "context_gate": {"fwd": "(2*B*C*N + B*C) * itemsize", "fwd_bwd": "fwd + (3*B*C*N + 2*B*C) * itemsize"},
+}
+
+
+def measure(case, pass_name, providers, inputs, sweep, device, dtype, itemsize, peak_gbps):
+    """(rows, skipped) for one case and pass: every provider checked against eager, timed interleaved, measured."""
+    base = {"op": case.op, "dtype": str(dtype).replace("torch.", ""), "shape": list(case.shape), "pass": pass_name,
+            "sweep": case.sweep}
+    if case.op == "feedback_step":
+        base["num_feedback"] = case.num_feedback
+    else:
+        base["alpha"] = case.alpha
+    reference = pass_fn("eager", case, pass_name, inputs)()
+    fns, matches, first_s, skipped = {}, {}, {}, []
+    for provider in providers:
+        try:
+            fn = pass_fn(provider, case, pass_name, inputs)
+            start = time.perf_counter()
+            matches[provider] = outputs_match(fn(), reference, dtype)  # the first call compiles (compile provider)
+            first_s[provider] = time.perf_counter() - start
+            fns[provider] = fn
+        except (TypeError, ValueError) as error:  # e.g. a dtype the backend does not support
+            skipped.append({**base, "provider": provider, "reason": f"{type(error).__name__}: {error}"})
+        except torch.cuda.OutOfMemoryError as error:
+            skipped.append({**base, "provider": provider, "reason": f"out of memory: {error}"})
+    del reference
+    if not fns:
+        return [], skipped
+    timings = common.time_fns(fns, device, budget_s=sweep.budget_s * len(fns), min_repeats=sweep.min_repeats,
+                              warmup_s=sweep.warmup_s)
+    moved = minimal_bytes(case, pass_name, itemsize)
+    rows = []
+    for provider, fn in fns.items():
+        timing = timings[provider]
+        peak_bytes = common.peak_memory_bytes(fn, device)
+        gbps = moved / (timing.median_ms * 1e-3) / 1e9
+        rows.append({
+            **base, "provider": provider,
+            "ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "repeats": timing.repeats,
+            "bytes": moved, "gbps": gbps, "frac_peak": gbps / peak_gbps,
+            "peak_mem_mib": peak_bytes / common.MIB, "matches_eager": matches[provider],
+            "warmup_s": first_s[provider] + timing.warmup_s,
+        })
+    return rows, skipped
+
+
+def headline(rows: list[dict], dtype_name: str) -> list[dict]:
+    """Per provider at the headline shapes: fwd and fwd_bwd time, speed-up and fwd_bwd memory against eager."""
+    out = []
+    for shape in HEADLINE_SHAPES:
+        def find(provider, pass_name):
+            return next((r for r in rows if r["op"] == "feedback_step" and tuple(r["shape"]) == shape
+                         and r["provider"] == provider and r["pass"] == pass_name), None)
+
+        eager_fwd, eager_bwd = find("eager", "fwd"), find("eager", "fwd_bwd")
+        for provider in PROVIDERS:
+            fwd, bwd = find(provider, "fwd"), find(provider, "fwd_bwd")
+            if fwd is None or bwd is None:
+                continue
+            out.append({
+                "shape": common.shape_str(shape), "dtype": dtype_name, "provider": provider,
+                "fwd_ms": fwd["ms"], "fwd_bwd_ms": bwd["ms"], "fwd_bwd_gbps": bwd["gbps"],
+                "fwd_bwd_peak_mem_mib": bwd["peak_mem_mib"],
+                "fwd_speedup": None if eager_fwd is None else eager_fwd["ms"] / fwd["ms"],
+                "fwd_bwd_speedup": None if eager_bwd is None else eager_bwd["ms"] / bwd["ms"],
+                "fwd_bwd_mem_vs_eager": None if eager_bwd is None or not eager_bwd["peak_mem_mib"]
+                else bwd["peak_mem_mib"] / eager_bwd["peak_mem_mib"],
+            })
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+def print_table(payload: dict) -> None:
+    columns = ["op", "shape", "pass", "provider", "ms", "p20-p80 ms", "GB/s", "% peak", "peak MiB", "vs eager", "ok"]
+    table = [[r["op"], common.shape_str(r["shape"]), r["pass"], r["provider"], r["ms"],
+              f"{r['p20_ms']:.3g}-{r['p80_ms']:.3g}", r["gbps"], 100 * r["frac_peak"], r["peak_mem_mib"],
+              None if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x",
+              "yes" if r["matches_eager"] else "MISMATCH"]
+             for r in payload["results"]]
+    print(f"## step_throughput on {payload['device']} (torch {payload['torch']}, {payload['dtype']}, "
+          f"peak copy {payload['peak_gbps']:.1f} GB/s, {payload['date']})\n")
+    print(common.markdown_table(columns, table))
+    print("\nk = 2 feedback channels for feedback_step (shape B x d x H x W); context_gate shape B x C x H x W, "
+          "alpha 0. ok = result equals eager's.")
+
+
+def print_headline(payload: dict) -> None:
+    for h in payload["headline"]:
+        if h["provider"] == "eager":
+            continue
+        mem = h["fwd_bwd_mem_vs_eager"]
+        print(f"headline feedback_step B x d x H x W = {h['shape']}, k = 2, {h['dtype']}: {h['provider']} vs eager: "
+              f"fwd {h['fwd_speedup']:.2f}x, fwd_bwd {h['fwd_bwd_speedup']:.2f}x faster; fwd_bwd peak memory "
+              + ("-" if mem is None else f"{mem:.2f}x eager's"))
+
+
+def plot(payload: dict, path: Path) -> Path:
+    """Time and bandwidth against state size (elements) per provider; fwd solid, fwd_bwd dashed."""
+    rows = payload["results"]
+    ops = [op for op in ("feedback_step", "context_gate") if any(r["op"] == op for r in rows)]
+    fig, axes = common.new_figure(max(1, len(ops)), 2)
+    colours = {"eager": "tab:gray", "compile": "tab:orange", "cpp": "tab:blue", "triton": "tab:green",
+               "cuda": "tab:red"}
+    for i, op in enumerate(ops):
+        ax_time, ax_bw = axes[i]
+        for provider in PROVIDERS:
+            for pass_name, style in (("fwd", "-"), ("fwd_bwd", "--")):
+                # feedback_step: only d = 18 (the model's state) so that size alone varies along a line
+                points = sorted((math.prod(r["shape"]), r["ms"], r["gbps"]) for r in rows
+                                if r["op"] == op and r["provider"] == provider and r["pass"] == pass_name
+                                and (op != "feedback_step" or r["shape"][1] == 18))
+                if not points:
+                    continue
+                x = [p[0] for p in points]
+                label = f"{provider} {pass_name}"
+                ax_time.plot(x, [p[1] for p in points], style, marker="o", color=colours[provider], label=label)
+                ax_bw.plot(x, [p[2] for p in points], style, marker="o", color=colours[provider], label=label)
+        ax_bw.axhline(payload["peak_gbps"], color="black", linestyle=":", label="peak copy")
+        suffix = " (d = 18, k = 2)" if op == "feedback_step" else " (CBL-CNN maps)"
+        ax_time.set(xscale="log", yscale="log", xlabel="state elements B*C*H*W", ylabel="median ms",
+                    title=f"{op}{suffix}: time")
+        ax_bw.set(xscale="log", xlabel="state elements B*C*H*W", ylabel="GB/s (minimal bytes)",
+                  title=f"{op}: achieved bandwidth")
+        ax_time.legend(fontsize=7)
+        ax_bw.legend(fontsize=7)
+    fig.suptitle(f"{payload['device']}, {payload['dtype']}, torch {payload['torch']}", fontsize=9)
+    return common.save_figure(fig, path)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="quick", action="store_true", default=None,
+                      help="the quick sweep (default on CPU: under 3 minutes on 2 cores)")
+    size.add_argument("--full", dest="quick", action="store_false", help="the full sweep (default on GPU)")
+    size.add_argument("--smoke", action="store_true",
+                      help="tiny shapes and few repeats: checks that the script runs; figures meaningless")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--providers", default=None,
+                        help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all available; "
+                             "triton on CPU only when asked for, under TRITON_INTERPRET=1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the run (default: torch's default; recorded in the JSON)")
+    parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="result directory (default bench/results)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    payload = run(args)
+    device = torch.device(args.device or common.default_device())
+    path = common.write_json(payload, common.result_path(args.out, "step_throughput", device, smoke=args.smoke))
+    print_table(payload)
+    print()
+    print_headline(payload)
+    if not args.no_plot:
+        plot(payload, path.with_suffix(".png"))
+    common.update_readme_table(args.out)
+    mismatches = [r for r in payload["results"] if not r["matches_eager"]]
+    print(f"\nwrote {path}" + ("" if args.no_plot else f" and {path.with_suffix('.png').name}")
+          + f"; {payload['elapsed_s']:.0f} s", file=sys.stderr)
+    if mismatches:
+        print(f"WARNING: {len(mismatches)} rows do not match eager's result", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Smoke tests of the benchmarks: both scripts run on a tiny configuration and write JSON of the documented form.
+
+No timing assertions (the machine is shared); the memory and byte-count helpers are checked exactly. The scripts
+run with one thread here: on a loaded 2-core machine two threads make tiny ops much slower, not faster.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fbkernels
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+ROW_KEYS = {"op", "provider", "dtype", "shape", "pass", "ms", "gbps", "frac_peak", "peak_mem_mib"}
+
+
+def _bench_module(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _fused_cpu_providers():
+    return [name for name in ("cpp",) if name in fbkernels.available_backends("cpu")]
+
+
+def _run(script, *args, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--threads", "1", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stem = script.removesuffix(".py")
+    files = sorted(tmp_path.glob(f"{stem}_*.json"))
+    assert len(files) == 1, files
+    with open(files[0]) as handle:
+        payload = json.load(handle)
+    assert files[0].with_suffix(".png").stat().st_size > 0
+    assert files[0].name.endswith("_smoke.json") == ("--smoke" in args)
+    assert (tmp_path / "README_table.md").exists()
+    return proc.stdout, payload
+
+
+def _check_common(payload, device_type="cpu"):
+    assert isinstance(payload["device"], str) and payload["device"]
+    assert payload["torch"] == torch.__version__
+    assert payload["device_type"] == device_type
+    assert payload["peak_mem_method"] and payload["timing_method"]
+    assert payload["results"]
+    for row in payload["results"]:
+        assert ROW_KEYS <= set(row), row
+        assert row["ms"] > 0 and row["p20_ms"] <= row["ms"] <= row["p80_ms"]
+        assert row["peak_mem_mib"] >= 0
+        assert isinstance(row["shape"], list) and all(isinstance(s, int) for s in row["shape"])
+
+
+def test_step_throughput_smoke(tmp_path):
+    providers = ["eager", *_fused_cpu_providers()]
+    stdout, payload = _run("step_throughput.py", "--smoke", "--providers", ",".join(providers), tmp_path=tmp_path)
+    _check_common(payload)
+    assert payload["peak_gbps"] > 0
+    assert "| op | shape | pass | provider |" in stdout
+    step = _bench_module("step_throughput")
+    seen = {(r["op"], r["provider"], r["pass"]) for r in payload["results"]}
+    for op in ("feedback_step", "context_gate"):
+        for provider in providers:
+            for pass_name in ("fwd", "fwd_bwd"):
+                assert (op, provider, pass_name) in seen
+    for row in payload["results"]:
+        assert row["matches_eager"], row
+        case = step.Case(row["op"], tuple(row["shape"]), row["sweep"])
+        assert row["bytes"] == step.minimal_bytes(case, row["pass"], 4)
+        assert math.isclose(row["gbps"], row["bytes"] / (row["ms"] * 1e-3) / 1e9, rel_tol=1e-9)
+        assert math.isclose(row["frac_peak"], row["gbps"] / payload["peak_gbps"], rel_tol=1e-9)
+        assert row["peak_mem_mib"] > 0  # every pass allocates its outputs
+    # The README table ignores smoke runs and shows the newest real run's headline per device.
+    common = _bench_module("_common")
+    assert "feedback_step on" not in (tmp_path / "README_table.md").read_text()
+    real = {**payload, "smoke": False}
+    common.write_json(real, tmp_path / "step_throughput_test-device_2000-01-01.json")
+    table = common.update_readme_table(tmp_path).read_text()
+    assert f"feedback_step on {payload['device']}" in table
+    assert all(f"| {h['provider']} |" in table for h in payload["headline"])
+    if "cpp" in providers:  # the headline names the fused backend against eager
+        assert any(h["provider"] == "cpp" and h["fwd_speedup"] > 0 for h in payload["headline"])
+        assert "cpp vs eager" in stdout
+
+
+@pytest.mark.slow
+def test_step_throughput_smoke_compile(tmp_path):
+    _, payload = _run("step_throughput.py", "--smoke", "--providers", "eager,compile", tmp_path=tmp_path)
+    rows = [r for r in payload["results"] if r["provider"] == "compile"]
+    assert len(rows) == 6 and all(r["matches_eager"] for r in rows)
+
+
+def test_minimal_bytes_formula():
+    step = _bench_module("step_throughput")
+    B, d, k, H, W = 2, 6, 2, 4, 5
+    N = H * W
+    case = step.Case("feedback_step", (B, d, H, W), "size", num_feedback=k)
+    fwd = (2 * B * d * N + d * d + B * d * N + B * k * N) * 4  # read h, f, M; write h_next, v
+    bwd = (B * d * N + B * k * N + B * d * N + B * k * N + d * d + 2 * B * d * N + d * d) * 4
+    assert step.minimal_bytes(case, "fwd", 4) == fwd
+    assert step.minimal_bytes(case, "fwd_bwd", 4) == fwd + bwd
+    gate = step.Case("context_gate", (B, d, H, W), "cbl")
+    assert step.minimal_bytes(gate, "fwd", 8) == (2 * B * d * N + B * d) * 8
+
+
+def test_peak_memory_counts_live_temporaries():
+    common = _bench_module("_common")
+    mib = 1 << 20
+
+    def fn():
+        a = torch.ones(2 * mib // 4)  # 2 MiB
+        b = torch.ones(3 * mib // 4)  # 3 MiB, both alive: peak 5 MiB
+        del a
+        c = torch.ones(1 * mib // 4)  # 4 MiB alive
+        return b, c
+
+    peak = common.peak_memory_bytes(fn, torch.device("cpu"))
+    assert 5 * mib <= peak < 5 * mib + 64 * 1024
+
+
+def test_train_step_smoke(tmp_path):
+    providers = ["eager", *_fused_cpu_providers()]
+    stdout, payload = _run(
+        "train_step.py", "--smoke", "--providers", ",".join(providers), tmp_path=tmp_path,
+    )
+    _check_common(payload)
+    assert "| model | input | T | bptt |" in stdout
+    unet = [r for r in payload["results"] if r["op"] == "feedback_unet_train_step"]
+    cbl = [r for r in payload["results"] if r["op"] == "cbl_cnn_train_step"]
+    assert {(r["provider"], r["steps"], r["bptt"]) for r in unet} == {
+        (p, t, b) for p in providers for t in (1, 2) for b in ("full", "checkpoint")
+    }
+    assert {r["provider"] for r in cbl} == set(providers)
+    for row in payload["results"]:
+        assert row["pass"] == "train_step" and row["gbps"] is None
+        assert row["peak_mem_mib"] > 0  # gradients alone are allocated afresh every step
