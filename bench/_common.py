@@ -26,7 +26,6 @@ import datetime as _dt
 import glob
 import json
 import math
-import os
 import platform
 import re
 import sys

@@ -32,7 +32,7 @@ import torch
 import fbkernels
 from fbkernels import metrics, train
 from fbkernels.data import PolygonDataset
-from fbkernels.models import FeedbackUNet, FeedforwardUNet, state_changes
+from fbkernels.models import FeedbackUNet, FeedforwardUNet
 
 
 @dataclass(frozen=True)
@@ -247,40 +247,55 @@ def pyplot():
     return plt
 
 
-# ---------------------------------------------------------------- A1: noise
+# ---------------------------------------------------------------- A1 and A2: sweeps of one setting
 
-def experiment_noise(args, preset):
+MODELS = ("feedback", "feedforward")
+
+
+def sweep(args, preset, key, values, make_spec, xlabel, title):
+    """Train both models for every value of one setting and seed: (F1 points per model and value, random F1, fig).
+
+    ``key`` names the setting in the points ("sigma", "train_size"); ``make_spec(model, value, seed)`` gives the run.
+    The random baseline is that of the first value's test sets, averaged over the seeds."""
     seeds = seeds_of(args, preset)
-    results = {}
-    for sigma in preset.sigmas:
-        for seed in seeds:
-            for model in ("feedback", "feedforward"):
-                spec = RunSpec(model, float(sigma), preset.train_size, seed, decay=model == "feedback")
-                results[model, sigma, seed] = run(spec, preset, args)
+    results = {(model, value, seed): run(make_spec(model, value, seed), preset, args)
+               for value in values for seed in seeds for model in MODELS}
     points = [
-        {"model": model, "sigma": float(sigma), **summarise([results[model, sigma, s]["f1"] for s in seeds]),
-         "f1_runs": [results[model, sigma, s]["f1"] for s in seeds]}
-        for model in ("feedback", "feedforward") for sigma in preset.sigmas
+        {"model": model, key: value, **summarise([results[model, value, s]["f1"] for s in seeds]),
+         "f1_runs": [results[model, value, s]["f1"] for s in seeds]}
+        for model in MODELS for value in values
     ]
-    random_f1 = float(np.mean([results["feedback", preset.sigmas[0], s]["random_f1"] for s in seeds]))
-    total_seconds = sum(r["train_seconds"] for r in results.values())
-    payload = {**header(args, preset, "noise"), "points": points, "random_f1": random_f1,
-               "train_seconds_total": total_seconds}
+    random_f1 = float(np.mean([results["feedback", values[0], s]["random_f1"] for s in seeds]))
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model, marker in (("feedback", "o"), ("feedforward", "s")):
+    for model, marker in zip(MODELS, ("o", "s")):
         pts = [p for p in points if p["model"] == model]
-        ax.errorbar([p["sigma"] for p in pts], [p["f1_mean"] for p in pts], yerr=[p["f1_std"] for p in pts],
+        ax.errorbar([p[key] for p in pts], [p["f1_mean"] for p in pts], yerr=[p["f1_std"] for p in pts],
                     marker=marker, capsize=3, label=f"{model} U-Net")
     ax.axhline(random_f1, color="gray", linestyle="--", label="random")
-    ax.set(xlabel="noise sigma", ylabel="F1 (polygon)", title=f"A1 noise ({args.preset}, {len(seeds)} seeds)", ylim=(0, 1))
+    ax.set(xlabel=xlabel, ylabel="F1 (polygon)", title=f"{title} ({args.preset}, {len(seeds)} seeds)", ylim=(0, 1))
     ax.legend()
+    train_seconds = sum(r["train_seconds"] for r in results.values())
+    return points, random_f1, fig, train_seconds
+
+
+def sweep_table(points, key, values, label):
+    return [[label(value)] + [fmt(next(p for p in points if p["model"] == m and p[key] == value)) for m in MODELS]
+            for value in values]
+
+
+def experiment_noise(args, preset):
+    sigmas = [float(s) for s in preset.sigmas]
+    points, random_f1, fig, total_seconds = sweep(
+        args, preset, "sigma", sigmas,
+        lambda model, sigma, seed: RunSpec(model, sigma, preset.train_size, seed, decay=model == "feedback"),
+        "noise sigma", "A1 noise")
+    payload = {**header(args, preset, "noise"), "points": points, "random_f1": random_f1,
+               "train_seconds_total": total_seconds}
     write_outputs(args, "noise", payload, fig)
-    example_grid(args, preset, seeds[0])
-    print_table(["sigma", "feedback F1", "feedforward F1"], [
-        [f"{sigma:g}"] + [fmt(next(p for p in points if p["model"] == m and p["sigma"] == sigma)) for m in ("feedback", "feedforward")]
-        for sigma in preset.sigmas
-    ], f"random baseline F1: {random_f1:.3f}; training time {total_seconds / 60:.1f} min")
+    example_grid(args, preset, seeds_of(args, preset)[0])
+    print_table(["sigma", "feedback F1", "feedforward F1"], sweep_table(points, "sigma", sigmas, lambda s: f"{s:g}"),
+                f"random baseline F1: {random_f1:.3f}; training time {total_seconds / 60:.1f} min")
     return payload
 
 
@@ -317,38 +332,20 @@ def load_example(args, preset, spec):
 # ---------------------------------------------------------------- A2: training-set size
 
 def experiment_trainsize(args, preset):
-    seeds = seeds_of(args, preset)
-    results = {}
-    for size in preset.train_sizes:
-        for seed in seeds:
-            for model in ("feedback", "feedforward"):
-                results[model, size, seed] = run(RunSpec(model, 0.0, size, seed, decay=model == "feedback"), preset, args)
-    points = [
-        {"model": model, "train_size": size, **summarise([results[model, size, s]["f1"] for s in seeds]),
-         "f1_runs": [results[model, size, s]["f1"] for s in seeds]}
-        for model in ("feedback", "feedforward") for size in preset.train_sizes
-    ]
-    random_f1 = float(np.mean([results["feedback", preset.train_sizes[0], s]["random_f1"] for s in seeds]))
+    sizes = list(preset.train_sizes)
+    points, random_f1, fig, total_seconds = sweep(
+        args, preset, "train_size", sizes,
+        lambda model, size, seed: RunSpec(model, 0.0, size, seed, decay=model == "feedback"),
+        "training-set size D", "A2 training-set size, sigma 0")
     smallest = {
         model: next((p["train_size"] for p in points if p["model"] == model and p["f1_mean"] > random_f1), None)
-        for model in ("feedback", "feedforward")
+        for model in MODELS
     }
     payload = {**header(args, preset, "trainsize"), "points": points, "random_f1": random_f1,
-               "smallest_train_size_beating_random": smallest}
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for model, marker in (("feedback", "o"), ("feedforward", "s")):
-        pts = [p for p in points if p["model"] == model]
-        ax.errorbar([p["train_size"] for p in pts], [p["f1_mean"] for p in pts], yerr=[p["f1_std"] for p in pts],
-                    marker=marker, capsize=3, label=f"{model} U-Net")
-    ax.axhline(random_f1, color="gray", linestyle="--", label="random")
-    ax.set(xlabel="training-set size D", ylabel="F1 (polygon)", title=f"A2 training-set size, sigma 0 ({args.preset})", ylim=(0, 1))
-    ax.legend()
+               "smallest_train_size_beating_random": smallest, "train_seconds_total": total_seconds}
     write_outputs(args, "trainsize", payload, fig)
-    print_table(["D", "feedback F1", "feedforward F1"], [
-        [str(size)] + [fmt(next(p for p in points if p["model"] == m and p["train_size"] == size)) for m in ("feedback", "feedforward")]
-        for size in preset.train_sizes
-    ], f"random baseline F1: {random_f1:.3f}; smallest D beating it: {smallest}")
+    print_table(["D", "feedback F1", "feedforward F1"], sweep_table(points, "train_size", sizes, str),
+                f"random baseline F1: {random_f1:.3f}; smallest D beating it: {smallest}")
     return payload
 
 

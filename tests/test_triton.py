@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from torch.library import opcheck
 
 import fbkernels
 from fbkernels import _reference
