@@ -115,7 +115,12 @@ void context_gate_backward(uintptr_t grad_out, uintptr_t h, uintptr_t gate_logit
 }  // namespace
 }  // namespace fbkernels
 
-PYBIND11_MODULE(_C, m) {
+// One source, two modules (CMakeLists.txt): fbkernels._C for any CPU, fbkernels._C_avx2 built with AVX2 + FMA.
+#ifndef FBKERNELS_CPU_MODULE
+#define FBKERNELS_CPU_MODULE _C
+#endif
+
+PYBIND11_MODULE(FBKERNELS_CPU_MODULE, m) {
   using namespace fbkernels;
   using py::arg;
   m.doc() = "fbkernels CPU kernels (feedback step, context gate) on raw pointers of contiguous tensors";

@@ -1,12 +1,28 @@
-"""Host side of the "cpp" backend: allocates outputs with torch and calls the C++ kernels in fbkernels._C.
+"""Host side of the "cpp" backend: allocates outputs with torch and calls the C++ kernels (fbkernels._C_avx2 or _C).
 
 All functions take the canonical layout of fbkernels.ops: contiguous [B, d, N] tensors of one dtype on the CPU.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-from . import _C
+
+def load_kernels(prefer_avx2: bool | None = None):
+    """The compiled CPU kernels: fbkernels._C_avx2 on CPUs with AVX2 and FMA (as PyTorch detects them, so
+    ATEN_CPU_CAPABILITY=default also selects the portable build), else the portable fbkernels._C."""
+    if prefer_avx2 is None:
+        prefer_avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    if prefer_avx2:
+        try:
+            return importlib.import_module("fbkernels._C_avx2")
+        except ImportError:  # built without it (not x86-64, or a compiler without -mavx2)
+            pass
+    return importlib.import_module("fbkernels._C")
+
+
+_C = load_kernels()
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
 

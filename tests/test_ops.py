@@ -234,6 +234,36 @@ def test_available_backends_and_selection(monkeypatch):
 
 
 @needs_cpp
+@pytest.mark.parametrize("prefer_avx2", [False, True])
+def test_both_cpu_builds_match_eager(prefer_avx2):
+    """The portable module and the AVX2 one (where built and supported) compute the same op within rounding."""
+    from fbkernels import _cpp
+    if prefer_avx2 and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    module = _cpp.load_kernels(prefer_avx2)
+    if prefer_avx2 and module.__name__ != "fbkernels._C_avx2":
+        pytest.skip("fbkernels._C_avx2 was not built")
+    h, f = torch.randn(3, 18, 99), torch.randn(3, 18, 99)  # canonical [B, d, N]
+    decay = torch.randn(18, 18) / math.sqrt(18)
+    v = _reference.feedback_step_forward(h, f, decay, 2)[1]
+    grad_h, grad_v = torch.randn_like(h), torch.randn_like(v)
+    gate_h, gate_a = torch.randn(2, 5, 77), torch.randn(2, 5)
+    original = _cpp._C
+    try:
+        _cpp._C = module
+        got = (*_cpp.feedback_step_forward(h, f, decay, 2), *_cpp.feedback_step_backward(grad_h, grad_v, f, v, decay, 2),
+               _cpp.context_gate_forward(gate_h, gate_a, 0.3), *_cpp.context_gate_backward(gate_h, gate_h, gate_a, 0.3))
+    finally:
+        _cpp._C = original
+    expected = (*_reference.feedback_step_forward(h, f, decay, 2),
+                *_reference.feedback_step_backward(grad_h, grad_v, f, v, decay, 2),
+                _reference.context_gate_forward(gate_h, gate_a, 0.3),
+                *_reference.context_gate_backward(gate_h, gate_h, gate_a, 0.3))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@needs_cpp
 def test_cpp_is_the_automatic_cpu_choice_and_rejects_half(monkeypatch):
     monkeypatch.delenv("FBKERNELS_BACKEND", raising=False)
     from fbkernels.backends import resolve_backend

@@ -89,14 +89,15 @@ inline void store_row(scalar_t* __restrict dst, const acc_t* __restrict src, int
 // acc[0:W] = sum_r coeffs[r] * rows[r * row_stride + 0:W] over r < num_rows: a tile of one output row of a
 // channel mix, kept in registers while the (cache-resident) input rows stream through.
 template <int64_t W, typename acc_t>
-inline void mix_tile(acc_t* __restrict acc, const acc_t* __restrict coeffs, const acc_t* __restrict rows,
+inline void mix_tile(acc_t* __restrict out, const acc_t* __restrict coeffs, const acc_t* __restrict rows,
                      int64_t num_rows, int64_t row_stride) {
-  for (int64_t l = 0; l < W; ++l) acc[l] = acc_t(0);
+  acc_t acc[W] = {};  // a local array stays in registers; accumulating through `out` would go through memory
   for (int64_t r = 0; r < num_rows; ++r) {
     const acc_t c = coeffs[r];
     const acc_t* __restrict row = rows + r * row_stride;
     for (int64_t l = 0; l < W; ++l) acc[l] += c * row[l];
   }
+  for (int64_t l = 0; l < W; ++l) out[l] = acc[l];
 }
 
 // sum_n a[n] * b[n] over n < len (a multiple of W), in W independent lanes reduced by a fixed tree: vectorises
@@ -161,40 +162,31 @@ void feedback_step_forward(const scalar_t* h, const scalar_t* f, const scalar_t*
   const int64_t positions = B * N;
 
   parallel_for(num_chunks, num_threads, [&](int64_t chunk) {
-    // f_buf: the block's f rows; x_buf: h_next of the k feedback channels (softmax input); then max and sum rows.
-    std::vector<acc_t> work(static_cast<size_t>((d + k + 2) * stride));
+    // f_buf: the block's f rows; mix_buf: M @ f, then h_next (its last k rows are the softmax input); then max and
+    // sum rows.
+    std::vector<acc_t> work(static_cast<size_t>((2 * d + 2) * stride));
     acc_t* f_buf = work.data();
-    acc_t* x_buf = f_buf + d * stride;
-    acc_t* max_buf = x_buf + k * stride;
+    acc_t* mix_buf = f_buf + d * stride;
+    acc_t* max_buf = mix_buf + d * stride;
     acc_t* sum_buf = max_buf + stride;
     const auto range = detail::chunk_positions(chunk, num_chunks, positions);
     detail::for_each_block(range, N, block, [&](int64_t b, int64_t n0, int64_t len) {
       const int64_t padded = detail::round_up(len, W);
-      const scalar_t* h_b = h + b * d * N + n0;
-      const scalar_t* f_b = f + b * d * N + n0;
-      scalar_t* h_next_b = h_next + b * d * N + n0;
-      for (int64_t c = 0; c < d; ++c) detail::load_padded(f_buf + c * stride, f_b + c * N, len, padded);
-      for (int64_t t0 = 0; t0 < padded; t0 += W) {
-        const int64_t width = std::min(W, len - t0);
-        for (int64_t i = 0; i < d; ++i) {
-          acc_t acc[W];
-          detail::mix_tile<W>(acc, M.data() + i * d, f_buf + t0, d, stride);
-          const scalar_t* h_row = h_b + i * N + t0;
-          scalar_t* out_row = h_next_b + i * N + t0;
-          if (width == W) {
-            for (int64_t l = 0; l < W; ++l) acc[l] = static_cast<acc_t>(h_row[l]) + acc[l];
-            for (int64_t l = 0; l < W; ++l) out_row[l] = static_cast<scalar_t>(acc[l]);
-          } else {
-            for (int64_t l = 0; l < width; ++l) acc[l] = static_cast<acc_t>(h_row[l]) + acc[l];
-            for (int64_t l = 0; l < width; ++l) out_row[l] = static_cast<scalar_t>(acc[l]);
-          }
-          if (i >= d - k) {
-            acc_t* x_row = x_buf + (i - (d - k)) * stride + t0;
-            for (int64_t l = 0; l < W; ++l) x_row[l] = acc[l];  // lanes past `width` are never read
-          }
-        }
+      const int64_t offset = b * d * N + n0;
+      for (int64_t c = 0; c < d; ++c) detail::load_padded(f_buf + c * stride, f + offset + c * N, len, padded);
+      // The mix works tile by tile on the cached block; h and h_next are then streamed one row at a time. Touching
+      // all d rows of h per tile instead would keep 2d strided memory streams open, more than the hardware
+      // prefetchers follow.
+      for (int64_t t0 = 0; t0 < padded; t0 += W)
+        for (int64_t i = 0; i < d; ++i) detail::mix_tile<W>(mix_buf + i * stride + t0, M.data() + i * d, f_buf + t0, d, stride);
+      for (int64_t i = 0; i < d; ++i) {
+        const scalar_t* __restrict h_row = h + offset + i * N;
+        scalar_t* __restrict out_row = h_next + offset + i * N;
+        acc_t* __restrict mix_row = mix_buf + i * stride;
+        for (int64_t n = 0; n < len; ++n) mix_row[n] += static_cast<acc_t>(h_row[n]);
+        detail::store_row(out_row, mix_row, len);
       }
-      detail::softmax_columns(x_buf, stride, k, len, max_buf, sum_buf, v + b * k * N + n0, N);
+      detail::softmax_columns(mix_buf + (d - k) * stride, stride, k, len, max_buf, sum_buf, v + b * k * N + n0, N);
     });
   });
 }
@@ -222,12 +214,13 @@ void feedback_step_backward(const scalar_t* grad_h, const scalar_t* grad_v, cons
   const int64_t positions = B * N;
 
   parallel_for(num_chunks, num_threads, [&](int64_t chunk) {
-    // g_buf, f_buf: the block's g and f rows (zero-padded to whole tiles); dot_buf: sum_c v*grad_v; dM: this chunk's
-    // partial of grad_decay.
-    std::vector<acc_t> work(static_cast<size_t>((2 * d + 1) * stride + dd), acc_t(0));
+    // g_buf, f_buf: the block's g and f rows (zero-padded to whole tiles); mix_buf: M^T g; dot_buf: sum_c v*grad_v;
+    // dM: this chunk's partial of grad_decay.
+    std::vector<acc_t> work(static_cast<size_t>((3 * d + 1) * stride + dd), acc_t(0));
     acc_t* g_buf = work.data();
     acc_t* f_buf = g_buf + d * stride;
-    acc_t* dot_buf = f_buf + d * stride;
+    acc_t* mix_buf = f_buf + d * stride;
+    acc_t* dot_buf = mix_buf + d * stride;
     acc_t* dM = dot_buf + stride;
     const auto range = detail::chunk_positions(chunk, num_chunks, positions);
     detail::for_each_block(range, N, block, [&](int64_t b, int64_t n0, int64_t len) {
@@ -262,19 +255,10 @@ void feedback_step_backward(const scalar_t* grad_h, const scalar_t* grad_v, cons
       for (int64_t i = 0; i < d; ++i) detail::store_row(grad_h_in + offset + i * N, g_buf + i * stride, len);
       for (int64_t c = 0; c < d; ++c) detail::load_padded(f_buf + c * stride, f + offset + c * N, len, padded);
 
-      for (int64_t t0 = 0; t0 < padded; t0 += W) {  // grad_f = M^T g
-        const int64_t width = std::min(W, len - t0);
-        for (int64_t j = 0; j < d; ++j) {
-          acc_t acc[W];
-          detail::mix_tile<W>(acc, MT.data() + j * d, g_buf + t0, d, stride);
-          scalar_t* out_row = grad_f + offset + j * N + t0;
-          if (width == W) {
-            for (int64_t l = 0; l < W; ++l) out_row[l] = static_cast<scalar_t>(acc[l]);
-          } else {
-            for (int64_t l = 0; l < width; ++l) out_row[l] = static_cast<scalar_t>(acc[l]);
-          }
-        }
-      }
+      // grad_f = M^T g, tile by tile into mix_buf, then stored one row at a time (see the forward for why).
+      for (int64_t t0 = 0; t0 < padded; t0 += W)
+        for (int64_t j = 0; j < d; ++j) detail::mix_tile<W>(mix_buf + j * stride + t0, MT.data() + j * d, g_buf + t0, d, stride);
+      for (int64_t j = 0; j < d; ++j) detail::store_row(grad_f + offset + j * N, mix_buf + j * stride, len);
       for (int64_t i = 0; i < d; ++i)  // dM += g f^T over the block (padding is zero in both)
         for (int64_t j = 0; j < d; ++j)
           dM[i * d + j] += detail::dot_lanes<W>(g_buf + i * stride, f_buf + j * stride, padded);
