@@ -149,3 +149,18 @@ def test_context_gate_gradcheck_float64_and_non_contiguous():
     a = torch.randn(4, 2, dtype=torch.float64).t().requires_grad_()  # [2, 4], strided
     assert torch.autograd.gradcheck(lambda h, a: fbkernels.context_gate(h, a, 0.35, backend="triton"), (h, a))
 
+
+
+def test_kernels_compile_for_an_nvidia_gpu(tmp_path):
+    """Every kernel goes through Triton's full GPU pipeline (through ptxas, for sm_90) in a process without
+    the interpreter: the tests above run the interpreter, which accepts code that the GPU compiler may reject."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
+    script = Path(__file__).with_name("compile_triton_for_gpu.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
