@@ -100,6 +100,15 @@ inline void mix_tile(acc_t* __restrict out, const acc_t* __restrict coeffs, cons
   for (int64_t l = 0; l < W; ++l) out[l] = acc[l];
 }
 
+// out[i * stride + n] = sum_r matrix[i, r] * rows[r * stride + n] for i, r < d and n < padded (a multiple of W):
+// the channel mix of a cached block, one W-wide tile of every output row at a time.
+template <int64_t W, typename acc_t>
+inline void mix_block(acc_t* __restrict out, const acc_t* __restrict matrix, const acc_t* __restrict rows, int64_t d,
+                      int64_t stride, int64_t padded) {
+  for (int64_t t0 = 0; t0 < padded; t0 += W)
+    for (int64_t i = 0; i < d; ++i) mix_tile<W>(out + i * stride + t0, matrix + i * d, rows + t0, d, stride);
+}
+
 // sum_n a[n] * b[n] over n < len (a multiple of W), in W independent lanes reduced by a fixed tree: vectorises
 // without -ffast-math and gives the same bits on every run.
 template <int64_t W, typename acc_t>
@@ -177,8 +186,7 @@ void feedback_step_forward(const scalar_t* h, const scalar_t* f, const scalar_t*
       // The mix works tile by tile on the cached block; h and h_next are then streamed one row at a time. Touching
       // all d rows of h per tile instead would keep 2d strided memory streams open, more than the hardware
       // prefetchers follow.
-      for (int64_t t0 = 0; t0 < padded; t0 += W)
-        for (int64_t i = 0; i < d; ++i) detail::mix_tile<W>(mix_buf + i * stride + t0, M.data() + i * d, f_buf + t0, d, stride);
+      detail::mix_block<W>(mix_buf, M.data(), f_buf, d, stride, padded);
       for (int64_t i = 0; i < d; ++i) {
         const scalar_t* __restrict h_row = h + offset + i * N;
         scalar_t* __restrict out_row = h_next + offset + i * N;
@@ -255,9 +263,8 @@ void feedback_step_backward(const scalar_t* grad_h, const scalar_t* grad_v, cons
       for (int64_t i = 0; i < d; ++i) detail::store_row(grad_h_in + offset + i * N, g_buf + i * stride, len);
       for (int64_t c = 0; c < d; ++c) detail::load_padded(f_buf + c * stride, f + offset + c * N, len, padded);
 
-      // grad_f = M^T g, tile by tile into mix_buf, then stored one row at a time (see the forward for why).
-      for (int64_t t0 = 0; t0 < padded; t0 += W)
-        for (int64_t j = 0; j < d; ++j) detail::mix_tile<W>(mix_buf + j * stride + t0, MT.data() + j * d, g_buf + t0, d, stride);
+      // grad_f = M^T g into mix_buf, then stored one row at a time (see the forward for why).
+      detail::mix_block<W>(mix_buf, MT.data(), g_buf, d, stride, padded);
       for (int64_t j = 0; j < d; ++j) detail::store_row(grad_f + offset + j * N, mix_buf + j * stride, len);
       for (int64_t i = 0; i < d; ++i)  // dM += g f^T over the block (padding is zero in both)
         for (int64_t j = 0; j < d; ++j)
