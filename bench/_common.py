@@ -255,6 +255,34 @@ def header(device: torch.device, script: str, argv: list[str]) -> dict:
     }
 
 
+def add_run_args(parser) -> None:
+    """The options every benchmark script shares: device, threads, output directory, plot and progress switches."""
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the run (default: torch's default; recorded in the JSON)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result directory (default bench/results)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_and_write(args, script: str, run, report, plot) -> dict:
+    """Run a benchmark script's sweep and write its outputs: run(args) -> payload; the JSON under args.out, the
+    markdown report (report(payload)) on stdout, the PNG (plot(payload, path)) unless --no-plot, and the README
+    table. Returns the payload."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    payload = run(args)
+    device = torch.device(args.device or default_device())
+    path = write_json(payload, result_path(args.out, script, device, smoke=args.smoke))
+    report(payload)
+    if not args.no_plot:
+        plot(payload, path.with_suffix(".png"))
+    update_readme_table(args.out)
+    print(f"\nwrote {path}" + ("" if args.no_plot else f" and {path.with_suffix('.png').name}")
+          + f"; {payload['elapsed_s']:.0f} s", file=sys.stderr)
+    return payload
+
+
 def result_path(out_dir: Path, script: str, device: torch.device, *, smoke: bool = False) -> Path:
     """<out>/<script>_<device slug>_<date>[_smoke].json: one file per script, device and day (a rerun replaces it).
 

@@ -406,7 +406,7 @@ def plot(payload: dict, path: Path) -> Path:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    common.add_run_args(parser)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="quick", action="store_true", default=None,
                       help="the quick sweep (default on CPU: under 3 minutes on 2 cores)")
@@ -417,30 +417,18 @@ def parse_args(argv=None):
     parser.add_argument("--providers", default=None,
                         help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all available; "
                              "triton on CPU only when asked for, under TRITON_INTERPRET=1)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads for the run (default: torch's default; recorded in the JSON)")
-    parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="result directory (default bench/results)")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    payload = run(args)
-    device = torch.device(args.device or common.default_device())
-    path = common.write_json(payload, common.result_path(args.out, "step_throughput", device, smoke=args.smoke))
+def report(payload) -> None:
     print_table(payload)
     print()
     print_headline(payload)
-    if not args.no_plot:
-        plot(payload, path.with_suffix(".png"))
-    common.update_readme_table(args.out)
+
+
+def main(argv=None) -> int:
+    payload = common.run_and_write(parse_args(argv), "step_throughput", run, report, plot)
     mismatches = [r for r in payload["results"] if not r["matches_eager"]]
-    print(f"\nwrote {path}" + ("" if args.no_plot else f" and {path.with_suffix('.png').name}")
-          + f"; {payload['elapsed_s']:.0f} s", file=sys.stderr)
     if mismatches:
         print(f"WARNING: {len(mismatches)} rows do not match eager's result", file=sys.stderr)
     return 0

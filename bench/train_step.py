@@ -284,7 +284,7 @@ def plot(payload: dict, path: Path) -> Path:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    common.add_run_args(parser)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--providers", default=None,
                         help="comma-separated subset of eager,cpp,cuda,triton (default: eager and every available "
@@ -300,11 +300,6 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="tiny models and inputs, T in 1,2, one repeat: checks that the script runs; figures "
                              "meaningless")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads for the run (default: torch's default; recorded in the JSON)")
-    parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT, help="result directory (default bench/results)")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     unknown = set(args.models.split(",")) - {"unet", "cbl"}
     if unknown:
@@ -313,18 +308,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    payload = run(args)
-    device = torch.device(args.device or common.default_device())
-    path = common.write_json(payload, common.result_path(args.out, "train_step", device, smoke=args.smoke))
-    print_report(payload)
-    if not args.no_plot:
-        plot(payload, path.with_suffix(".png"))
-    common.update_readme_table(args.out)
-    print(f"\nwrote {path}" + ("" if args.no_plot else f" and {path.with_suffix('.png').name}")
-          + f"; {payload['elapsed_s']:.0f} s", file=sys.stderr)
+    common.run_and_write(parse_args(argv), "train_step", run, print_report, plot)
     return 0
 
 
