@@ -67,66 +67,81 @@ def _stream(device: torch.device) -> int:
 
 def feedback_step_forward(h, f, decay, num_feedback):
     """h, f: [B, d, N]; decay: [d, d]. Returns (h_next [B, d, N], v [B, k, N])."""
-    ext = _ext()
     _check(h, f, decay)
-    B, d, N = h.shape
-    k = int(num_feedback)
-    h_next = torch.empty_like(h)
-    v = torch.empty((B, k, N), dtype=h.dtype, device=h.device)
     with torch.cuda.device(h.device):
-        ext.feedback_step_forward(
-            h.data_ptr(), f.data_ptr(), decay.data_ptr(), h_next.data_ptr(), v.data_ptr(),
-            B, d, N, k, _dtype_code(h), _stream(h.device),
-        )
-    return h_next, v
+        return launch_feedback_step_forward(_ext(), _stream(h.device), h, f, decay, num_feedback)
 
 
 def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback):
     """grad_h: [B, d, N] or None; grad_v: [B, k, N] or None. Returns (grad_h_in, grad_f [B, d, N], grad_decay [d, d])."""
-    ext = _ext()
     _check(f, v, decay, grad_h, grad_v)
+    with torch.cuda.device(f.device):
+        # The partial count depends on the current device (its SM count): it is asked under this device guard.
+        return launch_feedback_step_backward(_ext(), _stream(f.device), grad_h, grad_v, f, v, decay, num_feedback)
+
+
+def context_gate_forward(h, gate_logits, alpha):
+    """h: [B, C, N]; gate_logits: [B, C]. Returns out [B, C, N]."""
+    _check(h, gate_logits)
+    with torch.cuda.device(h.device):
+        return launch_context_gate_forward(_ext(), _stream(h.device), h, gate_logits, alpha)
+
+
+def context_gate_backward(grad_out, h, gate_logits, alpha):
+    """grad_out, h: [B, C, N]; gate_logits: [B, C]. Returns (grad_h [B, C, N], grad_gate_logits [B, C])."""
+    _check(grad_out, h, gate_logits)
+    with torch.cuda.device(h.device):
+        return launch_context_gate_backward(_ext(), _stream(h.device), grad_out, h, gate_logits, alpha)
+
+
+# The launchers below allocate the outputs and workspace and call the kernel module `ext` on `stream`, with no
+# device checks: the functions above make those. They are separate so that tests/test_cuda_emulation.py can run
+# this same host code against the CPU emulation of the CUDA kernels.
+
+def launch_feedback_step_forward(ext, stream, h, f, decay, num_feedback):
+    B, d, N = h.shape
+    k = int(num_feedback)
+    h_next = torch.empty_like(h)
+    v = torch.empty((B, k, N), dtype=h.dtype, device=h.device)
+    ext.feedback_step_forward(
+        h.data_ptr(), f.data_ptr(), decay.data_ptr(), h_next.data_ptr(), v.data_ptr(),
+        B, d, N, k, _dtype_code(h), stream,
+    )
+    return h_next, v
+
+
+def launch_feedback_step_backward(ext, stream, grad_h, grad_v, f, v, decay, num_feedback):
     B, d, N = f.shape
     k = int(num_feedback)
     grad_h_in = torch.empty_like(f)
     grad_f = torch.empty_like(f)
     grad_decay = torch.empty((d, d), dtype=f.dtype, device=f.device)
     partial_dtype = torch.float64 if f.dtype == torch.float64 else torch.float32
-    with torch.cuda.device(f.device):
-        # The partial count depends on the current device (its SM count): ask under the same device guard.
-        num_partials = ext.feedback_step_num_partials(B, d, N)
-        partials = torch.empty(num_partials * d * d, dtype=partial_dtype, device=f.device)
-        ext.feedback_step_backward(
-            _ptr(grad_h), _ptr(grad_v), f.data_ptr(), v.data_ptr(), decay.data_ptr(),
-            grad_h_in.data_ptr(), grad_f.data_ptr(), grad_decay.data_ptr(), partials.data_ptr(),
-            B, d, N, k, _dtype_code(f), _stream(f.device),
-        )
+    num_partials = ext.feedback_step_num_partials(B, d, N)
+    partials = torch.empty(num_partials * d * d, dtype=partial_dtype, device=f.device)
+    ext.feedback_step_backward(
+        _ptr(grad_h), _ptr(grad_v), f.data_ptr(), v.data_ptr(), decay.data_ptr(),
+        grad_h_in.data_ptr(), grad_f.data_ptr(), grad_decay.data_ptr(), partials.data_ptr(),
+        B, d, N, k, _dtype_code(f), stream,
+    )
     return grad_h_in, grad_f, grad_decay
 
 
-def context_gate_forward(h, gate_logits, alpha):
-    """h: [B, C, N]; gate_logits: [B, C]. Returns out [B, C, N]."""
-    ext = _ext()
-    _check(h, gate_logits)
+def launch_context_gate_forward(ext, stream, h, gate_logits, alpha):
     B, C, N = h.shape
     out = torch.empty_like(h)
-    with torch.cuda.device(h.device):
-        ext.context_gate_forward(
-            h.data_ptr(), gate_logits.data_ptr(), out.data_ptr(), B, C, N, float(alpha),
-            _dtype_code(h), _stream(h.device),
-        )
+    ext.context_gate_forward(
+        h.data_ptr(), gate_logits.data_ptr(), out.data_ptr(), B, C, N, float(alpha), _dtype_code(h), stream,
+    )
     return out
 
 
-def context_gate_backward(grad_out, h, gate_logits, alpha):
-    """grad_out, h: [B, C, N]; gate_logits: [B, C]. Returns (grad_h [B, C, N], grad_gate_logits [B, C])."""
-    ext = _ext()
-    _check(grad_out, h, gate_logits)
+def launch_context_gate_backward(ext, stream, grad_out, h, gate_logits, alpha):
     B, C, N = h.shape
     grad_h = torch.empty_like(h)
     grad_gate_logits = torch.empty_like(gate_logits)
-    with torch.cuda.device(h.device):
-        ext.context_gate_backward(
-            grad_out.data_ptr(), h.data_ptr(), gate_logits.data_ptr(), grad_h.data_ptr(),
-            grad_gate_logits.data_ptr(), B, C, N, float(alpha), _dtype_code(h), _stream(h.device),
-        )
+    ext.context_gate_backward(
+        grad_out.data_ptr(), h.data_ptr(), gate_logits.data_ptr(), grad_h.data_ptr(),
+        grad_gate_logits.data_ptr(), B, C, N, float(alpha), _dtype_code(h), stream,
+    )
     return grad_h, grad_gate_logits
