@@ -88,11 +88,12 @@ class EmulatedCuda:
             "fbk_context_gate_backward": [ptr] * 5 + [i64] * 3 + [f64, i32, ptr],
             "fbk_device_count": [],
             "fbk_emulation_launches": [],
+            "fbk_emulation_take_streams": [ctypes.POINTER(ctypes.c_uint64), i64],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes = argtypes
-            fn.restype = ctypes.c_int64 if name == "fbk_emulation_launches" else ctypes.c_int
+            fn.restype = ctypes.c_int64 if name.startswith("fbk_emulation_") else ctypes.c_int
         lib.fbk_emulation_error.restype = ctypes.c_char_p
         self._lib = lib
 
@@ -136,6 +137,12 @@ class EmulatedCuda:
     def launches(self):
         """Kernel launches run so far (the emulation counts them)."""
         return self._lib.fbk_emulation_launches()
+
+    def take_launch_streams(self, max_launches=64):
+        """The stream handle of each kernel launch since the last call, in launch order."""
+        out = (ctypes.c_uint64 * max_launches)()
+        count = self._lib.fbk_emulation_take_streams(out, max_launches)
+        return list(out[:min(count, max_launches)])
 
 
 if __name__ == "__main__":

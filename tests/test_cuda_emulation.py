@@ -199,6 +199,18 @@ def test_context_gate_unaligned_and_empty_rows(ext):
     torch.testing.assert_close(grad_a, torch.zeros(2, 3))
 
 
+def test_every_kernel_runs_on_the_given_stream(ext):
+    """The launchers launch only on the stream Python passes (PyTorch's current stream: CUDA graphs need that)."""
+    stream = 0x5EED0
+    h, f, decay = _feedback_inputs(2, 18, 300, torch.float32)
+    ext.take_launch_streams()
+    _, v = _cuda.launch_feedback_step_forward(ext, stream, h, f, decay, 2)
+    _cuda.launch_feedback_step_backward(ext, stream, h, v, f, v, decay, 2)
+    out = _cuda.launch_context_gate_forward(ext, stream, h, decay[:2], 0.5)
+    _cuda.launch_context_gate_backward(ext, stream, out, h, decay[:2], 0.5)
+    assert ext.take_launch_streams() == [stream] * 5  # forward, backward + partial sum, gate forward, backward
+
+
 def test_bad_arguments_raise(ext):
     x = torch.randn(1, 4, 8)
     with pytest.raises(ValueError, match="k must be in 1..d=4, got 5"):

@@ -76,6 +76,7 @@ std::mutex g_error_mutex;
 cudaError_t g_last_error = cudaSuccess;
 std::string g_last_message;
 std::atomic<int64_t> g_launches{0};
+std::vector<cudaStream_t> g_launch_streams;  // the stream of each launch since the tests last took them
 
 void set_error(cudaError_t code, const std::string& message) {
   std::lock_guard<std::mutex> lock(g_error_mutex);
@@ -251,6 +252,7 @@ void run_grid(const Config& config, void (*body)(void*), void* context) {
   }
   std::lock_guard<std::mutex> one_launch(g_launch_mutex);
   ++g_launches;
+  g_launch_streams.push_back(config.stream);
   LaunchState launch;
   launch.threads = static_cast<int>(threads);
   launch.fibers.resize(launch.threads);
@@ -323,3 +325,14 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const voi
 }
 
 extern "C" int64_t fbk_emulation_launches() { return cuda_emulation::g_launches.load(); }
+
+// Copies the streams of the launches since the last call (at most max of them) to out and forgets them all;
+// returns how many launches there were.
+extern "C" int64_t fbk_emulation_take_streams(uintptr_t* out, int64_t max) {
+  std::lock_guard<std::mutex> lock(cuda_emulation::g_launch_mutex);
+  auto& streams = cuda_emulation::g_launch_streams;
+  const int64_t count = static_cast<int64_t>(streams.size());
+  for (int64_t i = 0; i < std::min(count, max); ++i) out[i] = reinterpret_cast<uintptr_t>(streams[i]);
+  streams.clear();
+  return count;
+}

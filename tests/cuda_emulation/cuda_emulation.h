@@ -132,7 +132,9 @@ void fail(const char* what);
 
 struct Config {
   dim3 grid, block;
-  Config(dim3 grid_, dim3 block_, std::size_t = 0, cudaStream_t = nullptr) : grid(grid_), block(block_) {}
+  cudaStream_t stream;
+  Config(dim3 grid_, dim3 block_, std::size_t = 0, cudaStream_t stream_ = nullptr)
+      : grid(grid_), block(block_), stream(stream_) {}
 };
 
 // Runs body(context) for every thread of every block of the configuration (see the file comment).
