@@ -19,15 +19,10 @@ import torch
 from fbkernels import _cuda, _reference
 
 import _cuda_emulation
+from _compare import assert_close
 
 SANITIZED = os.environ.get("FBKERNELS_EMULATION_SANITIZED") == "1"
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
-    torch.float16: dict(rtol=1e-2, atol=1e-2),
-    torch.bfloat16: dict(rtol=2e-2, atol=3e-2),
-}
 STREAM = 0
 
 pytestmark = pytest.mark.skipif(_cuda_emulation.compiler() is None, reason="needs g++")
@@ -37,15 +32,6 @@ pytestmark = pytest.mark.skipif(_cuda_emulation.compiler() is None, reason="need
 def ext(tmp_path_factory):
     library = _cuda_emulation.build(tmp_path_factory.mktemp("cuda_emulation"), sanitize=SANITIZED)
     return _cuda_emulation.EmulatedCuda(library)
-
-
-def _assert_close(name, got, expected, dtype, summed_over=1):
-    tol = dict(TOL[dtype])
-    if summed_over > 1:  # a sum over many positions: rounding grows like sqrt(count)
-        tol["atol"] *= math.sqrt(summed_over)
-        if dtype in (torch.float16, torch.bfloat16):
-            tol["rtol"] *= 4
-    torch.testing.assert_close(got.float(), expected.float(), **tol, msg=lambda m: f"{name}: {m}")
 
 
 def _feedback_inputs(B, d, N, dtype, unaligned=()):
@@ -62,15 +48,15 @@ def _check_feedback_step(ext, B, d, k, N, dtype, unaligned=(), upstream=("h", "v
     h, f, decay = _feedback_inputs(B, d, N, dtype, unaligned)
     h_next, v = _cuda.launch_feedback_step_forward(ext, STREAM, h, f, decay, k)
     ref_h_next, ref_v = _reference.feedback_step_forward(h, f, decay, k)
-    _assert_close("h_next", h_next, ref_h_next, dtype)
-    _assert_close("v", v, ref_v, dtype)
+    assert_close("h_next", h_next, ref_h_next, dtype)
+    assert_close("v", v, ref_v, dtype)
 
     grad_h = torch.randn(B, d, N).to(dtype) if "h" in upstream else None
     grad_v = torch.randn(B, k, N).to(dtype) if "v" in upstream else None
     got = _cuda.launch_feedback_step_backward(ext, STREAM, grad_h, grad_v, f, ref_v, decay, k)
     expected = _reference.feedback_step_backward(grad_h, grad_v, f, ref_v, decay, k)
     for name, a, b in zip(("grad_h", "grad_f", "grad_decay"), got, expected):
-        _assert_close(name, a, b, dtype, summed_over=B * N if name == "grad_decay" else 1)
+        assert_close(name, a, b, dtype, summed_over=B * N if name == "grad_decay" else 1)
     return got
 
 
@@ -136,13 +122,13 @@ def test_feedback_step_benchmark_shape(ext, dtype):
     h, f, decay = _feedback_inputs(B, d, N, dtype)
     h_next, v = _cuda.launch_feedback_step_forward(ext, STREAM, h, f, decay, k)
     for name, a, b in zip(("h_next", "v"), (h_next, v), _reference.feedback_step_forward(h, f, decay, k)):
-        _assert_close(name, a, b, dtype)
+        assert_close(name, a, b, dtype)
     grad_h, grad_v = torch.randn(B, d, N).to(dtype), torch.randn(B, k, N).to(dtype)
     got = _cuda.launch_feedback_step_backward(ext, STREAM, grad_h, grad_v, f, v, decay, k)
     eager = _reference.feedback_step_backward(grad_h, grad_v, f, v, decay, k)
     exact = _reference.feedback_step_backward(*(t.double() for t in (grad_h, grad_v, f, v, decay)), k)
     for name, a, b in zip(("grad_h", "grad_f"), got, eager):
-        _assert_close(name, a, b, dtype)
+        assert_close(name, a, b, dtype)
     kernel_error = (got[2].double() - exact[2]).abs().max().item()
     eager_error = (eager[2].double() - exact[2]).abs().max().item()
     assert kernel_error <= 3 * eager_error + 1e-6 * exact[2].abs().max().item(), (kernel_error, eager_error)
@@ -180,12 +166,12 @@ def test_context_gate_matches_eager(ext, B, C, N, dtype):
     a = torch.randn(B, C).to(dtype)
     grad_out = torch.randn(B, C, N).to(dtype)
     alpha = 0.3
-    _assert_close("out", _cuda.launch_context_gate_forward(ext, STREAM, h, a, alpha),
+    assert_close("out", _cuda.launch_context_gate_forward(ext, STREAM, h, a, alpha),
                   _reference.context_gate_forward(h, a, alpha), dtype)
     got = _cuda.launch_context_gate_backward(ext, STREAM, grad_out, h, a, alpha)
     expected = _reference.context_gate_backward(grad_out, h, a, alpha)
-    _assert_close("grad_h", got[0], expected[0], dtype)
-    _assert_close("grad_gate_logits", got[1], expected[1], dtype, summed_over=N)
+    assert_close("grad_h", got[0], expected[0], dtype)
+    assert_close("grad_gate_logits", got[1], expected[1], dtype, summed_over=N)
 
 
 def test_context_gate_unaligned_and_empty_rows(ext):

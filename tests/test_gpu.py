@@ -12,15 +12,11 @@ from torch.library import opcheck
 import fbkernels
 from fbkernels import _reference
 
+from _compare import TOL, assert_close
+
 pytestmark = pytest.mark.gpu
 GPU_BACKENDS = ["cuda", "triton"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
-    torch.float16: dict(rtol=1e-2, atol=1e-2),
-    torch.bfloat16: dict(rtol=2e-2, atol=3e-2),
-}
 FEEDBACK_SHAPES = [
     (1, 2, 1, (5, 7)),
     (0, 4, 2, (3, 3)),
@@ -55,12 +51,7 @@ def _feedback_outputs_and_grads(backend, h, f, decay, k, w_h, w_v):
 
 def _assert_matches(got, expected, dtype, positions, names):
     for name, a, b in zip(names, got, expected):
-        tol = dict(TOL[dtype])
-        if name in ("ddecay", "da"):  # sums over positions: rounding grows like sqrt(positions)
-            tol["atol"] *= math.sqrt(max(1, positions))
-            if dtype in (torch.float16, torch.bfloat16):
-                tol["rtol"] *= 4
-        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"{name}: {m}")
+        assert_close(name, a, b, dtype, summed_over=positions if name in ("ddecay", "da") else 1)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
