@@ -9,13 +9,15 @@
 // Work is split into chunks of flat positions p = b * N + n (a function of B and N only, never of the thread
 // count). A chunk walks its positions in blocks of at most `block` positions inside one b; each block copies what it
 // reuses into small padded local buffers, so every tensor is read and written once per pass and the inner loops run
-// over contiguous positions (auto-vectorised). In the backward each chunk writes its own [d, d] partial of
-// grad_decay, and the partials are summed in chunk order: bitwise identical results for any num_threads.
+// over contiguous positions (auto-vectorised; the channel mixes use GCC vector types, several output rows at a
+// time). In the backward each chunk writes its own [d, d] partial of grad_decay, and the partials are summed in
+// chunk order: bitwise identical results for any num_threads.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
@@ -44,12 +46,15 @@ constexpr int64_t kTileWidth = static_cast<int64_t>(64 / sizeof(acc_t));
 
 inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
-// Positions per block: d rows of local buffer stay near 64 KiB (L2-resident), a multiple of the tile width.
+// Positions per block, a multiple of the tile width: d rows of one local buffer take up to 256 KiB, and each row
+// of h, f and the outputs is read or written in runs of up to 4096 positions. The kernels wait on memory, and
+// long runs let the hardware prefetchers get ahead: at B=8, d=18, 128x128 (one thread, AVX2) 4096-position
+// blocks were 10-15% faster than 1024-position (64 KiB) ones.
 template <typename acc_t>
 int64_t feedback_block_length(int64_t d, int64_t N) {
   constexpr int64_t W = kTileWidth<acc_t>;
-  const int64_t budget = (int64_t{64} * 1024 / (d * static_cast<int64_t>(sizeof(acc_t)))) / W * W;
-  return std::min(std::clamp<int64_t>(budget, W, 1024), round_up(N, W));
+  const int64_t budget = (int64_t{256} * 1024 / (d * static_cast<int64_t>(sizeof(acc_t)))) / W * W;
+  return std::min(std::clamp<int64_t>(budget, W, 4096), round_up(N, W));
 }
 
 // Flat positions [begin, end) of chunk `chunk` out of `num_chunks` (sizes differ by at most one).
@@ -86,39 +91,134 @@ inline void store_row(scalar_t* __restrict dst, const acc_t* __restrict src, int
   for (int64_t n = 0; n < len; ++n) dst[n] = static_cast<scalar_t>(src[n]);
 }
 
-// acc[0:W] = sum_r coeffs[r] * rows[r * row_stride + 0:W] over r < num_rows: a tile of one output row of a
-// channel mix, kept in registers while the (cache-resident) input rows stream through.
-template <int64_t W, typename acc_t>
-inline void mix_tile(acc_t* __restrict out, const acc_t* __restrict coeffs, const acc_t* __restrict rows,
-                     int64_t num_rows, int64_t row_stride) {
-  acc_t acc[W] = {};  // a local array stays in registers; accumulating through `out` would go through memory
-  for (int64_t r = 0; r < num_rows; ++r) {
-    const acc_t c = coeffs[r];
-    const acc_t* __restrict row = rows + r * row_stride;
-    for (int64_t l = 0; l < W; ++l) acc[l] += c * row[l];
-  }
-  for (int64_t l = 0; l < W; ++l) out[l] = acc[l];
+// A native SIMD vector as a GCC vector type: 32 bytes with AVX2 (the _C_avx2 build), else 16 (SSE2). A tile of
+// W positions (64 bytes) is kVectorsPerTile of them. (A 64-byte GCC vector would be split by the compiler too,
+// but through memory.)
+#if defined(__AVX2__)
+constexpr int64_t kVectorBytes = 32;
+#else
+constexpr int64_t kVectorBytes = 16;
+#endif
+constexpr int64_t kVectorsPerTile = 64 / kVectorBytes;
+
+template <typename acc_t>
+struct NativeVector {
+  typedef acc_t type __attribute__((vector_size(kVectorBytes)));
+};
+template <typename acc_t>
+using vec_t = typename NativeVector<acc_t>::type;
+
+template <typename acc_t>
+inline vec_t<acc_t> load_vector(const acc_t* p) {
+  vec_t<acc_t> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
 }
 
-// out[i * stride + n] = sum_r matrix[i, r] * rows[r * stride + n] for i, r < d and n < padded (a multiple of W):
-// the channel mix of a cached block, one W-wide tile of every output row at a time.
-template <int64_t W, typename acc_t>
+template <typename acc_t>
+inline void store_vector(acc_t* p, const vec_t<acc_t>& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// Every output tile of the channel mix and of grad_decay is a chain of dependent multiply-adds; computed one at a
+// time, the FMA latency and not the loads would set the pace. These many tiles are computed together, as
+// independent chains in 8 to 12 of the 16 vector registers: 6 (AVX2) or 3 (SSE2) rows of the mix, 2 x 2 or
+// 1 x 2 entries of grad_decay.
+#if defined(__AVX2__)
+constexpr int64_t kMixRows = 6;
+constexpr int64_t kOuterRows = 2;
+#else
+constexpr int64_t kMixRows = 3;
+constexpr int64_t kOuterRows = 1;
+#endif
+constexpr int64_t kOuterCols = 2;
+// The local buffers have their row count rounded up to this (with zero rows), so the blocked loops need no
+// remainder code: a multiple of kMixRows, kOuterRows and kOuterCols in both builds.
+constexpr int64_t kRowPad = 6;
+
+// out[i * stride + n] = sum_r matrix[i * d + r] * rows[r * stride + n] for i < out_rows, r < d and n < padded:
+// the channel mix of a cached block. out_rows is a multiple of kRowPad and matrix has that many rows (zero past
+// d); padded is a multiple of the tile width. For each tile of positions, kMixRows output rows at a time.
+template <typename acc_t>
 inline void mix_block(acc_t* __restrict out, const acc_t* __restrict matrix, const acc_t* __restrict rows, int64_t d,
-                      int64_t stride, int64_t padded) {
-  for (int64_t t0 = 0; t0 < padded; t0 += W)
-    for (int64_t i = 0; i < d; ++i) mix_tile<W>(out + i * stride + t0, matrix + i * d, rows + t0, d, stride);
+                      int64_t out_rows, int64_t stride, int64_t padded) {
+  using V = vec_t<acc_t>;
+  constexpr int64_t W = kTileWidth<acc_t>, L = W / kVectorsPerTile;
+  for (int64_t t0 = 0; t0 < padded; t0 += W) {
+    for (int64_t i0 = 0; i0 < out_rows; i0 += kMixRows) {
+      const acc_t* __restrict m = matrix + i0 * d;
+      V acc[kMixRows][kVectorsPerTile] = {};
+      for (int64_t r = 0; r < d; ++r) {
+        V x[kVectorsPerTile];
+#pragma GCC unroll 4
+        for (int64_t u = 0; u < kVectorsPerTile; ++u) x[u] = load_vector(rows + r * stride + t0 + u * L);
+#pragma GCC unroll 8
+        for (int64_t q = 0; q < kMixRows; ++q) {
+          const acc_t c = m[q * d + r];
+#pragma GCC unroll 4
+          for (int64_t u = 0; u < kVectorsPerTile; ++u) acc[q][u] += c * x[u];
+        }
+      }
+#pragma GCC unroll 8
+      for (int64_t q = 0; q < kMixRows; ++q) {
+#pragma GCC unroll 4
+        for (int64_t u = 0; u < kVectorsPerTile; ++u) store_vector(out + (i0 + q) * stride + t0 + u * L, acc[q][u]);
+      }
+    }
+  }
 }
 
-// sum_n a[n] * b[n] over n < len (a multiple of W), in W independent lanes reduced by a fixed tree: vectorises
-// without -ffast-math and gives the same bits on every run.
-template <int64_t W, typename acc_t>
-inline acc_t dot_lanes(const acc_t* __restrict a, const acc_t* __restrict b, int64_t len) {
-  acc_t lanes[W] = {};
-  for (int64_t t = 0; t < len; t += W)
-    for (int64_t l = 0; l < W; ++l) lanes[l] += a[t + l] * b[t + l];
+// The W lanes of a tile (kVectorsPerTile vectors) summed by a fixed tree: vectorises without -ffast-math and
+// gives the same bits on every run.
+template <typename acc_t>
+inline acc_t sum_lanes(const vec_t<acc_t> (&tile)[kVectorsPerTile]) {
+  constexpr int64_t W = kTileWidth<acc_t>;
+  acc_t lanes[W];
+  std::memcpy(lanes, tile, sizeof lanes);
   for (int64_t width = W / 2; width > 0; width /= 2)
     for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
   return lanes[0];
+}
+
+// dM[i * rows + j] += sum_n g[i * stride + n] * f[j * stride + n] for i, j < rows and n < padded (rows a multiple
+// of kRowPad, padded of the tile width; g and f are zero past their real rows and positions). Each (i, j) sums
+// lane-wise tile by tile, then over its lanes by sum_lanes.
+template <typename acc_t>
+inline void accumulate_outer(acc_t* __restrict dM, const acc_t* __restrict g, const acc_t* __restrict f,
+                             int64_t rows, int64_t stride, int64_t padded) {
+  using V = vec_t<acc_t>;
+  constexpr int64_t W = kTileWidth<acc_t>, L = W / kVectorsPerTile;
+  for (int64_t i0 = 0; i0 < rows; i0 += kOuterRows) {
+    for (int64_t j0 = 0; j0 < rows; j0 += kOuterCols) {
+      V acc[kOuterRows][kOuterCols][kVectorsPerTile] = {};
+      for (int64_t t0 = 0; t0 < padded; t0 += W) {
+#pragma GCC unroll 4
+        for (int64_t u = 0; u < kVectorsPerTile; ++u) {
+          V f_vec[kOuterCols];
+#pragma GCC unroll 4
+          for (int64_t b = 0; b < kOuterCols; ++b) f_vec[b] = load_vector(f + (j0 + b) * stride + t0 + u * L);
+#pragma GCC unroll 4
+          for (int64_t a = 0; a < kOuterRows; ++a) {
+            const V g_vec = load_vector(g + (i0 + a) * stride + t0 + u * L);
+#pragma GCC unroll 4
+            for (int64_t b = 0; b < kOuterCols; ++b) acc[a][b][u] += g_vec * f_vec[b];
+          }
+        }
+      }
+      for (int64_t a = 0; a < kOuterRows; ++a)
+        for (int64_t b = 0; b < kOuterCols; ++b) dM[(i0 + a) * rows + j0 + b] += sum_lanes<acc_t>(acc[a][b]);
+    }
+  }
+}
+
+// The [d, d] matrix src (transposed if asked) in the accumulation type, as [rows, d] with zero rows past d.
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> padded_matrix(const scalar_t* src, int64_t d, int64_t rows, bool transpose) {
+  std::vector<acc_t> out(static_cast<size_t>(rows * d), acc_t(0));
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j < d; ++j)
+      out[static_cast<size_t>(i * d + j)] = static_cast<acc_t>(transpose ? src[j * d + i] : src[i * d + j]);
+  return out;
 }
 
 // v[c * v_stride + n] = softmax over c < k of x[c * x_stride + n], for n < len. Subtracts the per-position max for
@@ -148,13 +248,6 @@ void softmax_columns(acc_t* x, int64_t x_stride, int64_t k, int64_t len, acc_t* 
   }
 }
 
-template <typename acc_t, typename scalar_t>
-std::vector<acc_t> to_acc(const scalar_t* src, int64_t count) {
-  std::vector<acc_t> out(static_cast<size_t>(count));
-  for (int64_t i = 0; i < count; ++i) out[static_cast<size_t>(i)] = static_cast<acc_t>(src[i]);
-  return out;
-}
-
 }  // namespace detail
 
 // h_next = h + M @ f per position and v = softmax of h_next's last k channels (shapes in the file comment).
@@ -165,18 +258,19 @@ void feedback_step_forward(const scalar_t* h, const scalar_t* f, const scalar_t*
   const int64_t num_chunks = feedback_step_num_partials(B, N);
   if (num_chunks == 0) return;
   constexpr int64_t W = detail::kTileWidth<acc_t>;
-  const std::vector<acc_t> M = detail::to_acc<acc_t>(decay, d * d);
+  const int64_t rows = detail::round_up(d, detail::kRowPad);
+  const std::vector<acc_t> M = detail::padded_matrix<acc_t>(decay, d, rows, /*transpose=*/false);
   const int64_t block = detail::feedback_block_length<acc_t>(d, N);
   const int64_t stride = block + W;  // one spare cache line per row: rows do not share cache sets
   const int64_t positions = B * N;
 
   parallel_for(num_chunks, num_threads, [&](int64_t chunk) {
-    // f_buf: the block's f rows; mix_buf: M @ f, then h_next (its last k rows are the softmax input); then max and
-    // sum rows.
-    std::vector<acc_t> work(static_cast<size_t>((2 * d + 2) * stride));
+    // f_buf: the block's f rows; mix_buf: M @ f (rows padded), then h_next (its last k rows are the softmax
+    // input); then max and sum rows.
+    std::vector<acc_t> work(static_cast<size_t>((d + rows + 2) * stride));
     acc_t* f_buf = work.data();
     acc_t* mix_buf = f_buf + d * stride;
-    acc_t* max_buf = mix_buf + d * stride;
+    acc_t* max_buf = mix_buf + rows * stride;
     acc_t* sum_buf = max_buf + stride;
     const auto range = detail::chunk_positions(chunk, num_chunks, positions);
     detail::for_each_block(range, N, block, [&](int64_t b, int64_t n0, int64_t len) {
@@ -186,13 +280,17 @@ void feedback_step_forward(const scalar_t* h, const scalar_t* f, const scalar_t*
       // The mix works tile by tile on the cached block; h and h_next are then streamed one row at a time. Touching
       // all d rows of h per tile instead would keep 2d strided memory streams open, more than the hardware
       // prefetchers follow.
-      detail::mix_block<W>(mix_buf, M.data(), f_buf, d, stride, padded);
+      detail::mix_block(mix_buf, M.data(), f_buf, d, rows, stride, padded);
       for (int64_t i = 0; i < d; ++i) {
         const scalar_t* __restrict h_row = h + offset + i * N;
         scalar_t* __restrict out_row = h_next + offset + i * N;
         acc_t* __restrict mix_row = mix_buf + i * stride;
-        for (int64_t n = 0; n < len; ++n) mix_row[n] += static_cast<acc_t>(h_row[n]);
-        detail::store_row(out_row, mix_row, len);
+        if (i < d - k) {  // one pass: read, add, write h_next
+          for (int64_t n = 0; n < len; ++n) out_row[n] = static_cast<scalar_t>(mix_row[n] + static_cast<acc_t>(h_row[n]));
+        } else {  // the softmax rows also keep h_next in the buffer, as the softmax input
+          for (int64_t n = 0; n < len; ++n) mix_row[n] += static_cast<acc_t>(h_row[n]);
+          detail::store_row(out_row, mix_row, len);
+        }
       }
       detail::softmax_columns(mix_buf + (d - k) * stride, stride, k, len, max_buf, sum_buf, v + b * k * N + n0, N);
     });
@@ -213,22 +311,21 @@ void feedback_step_backward(const scalar_t* grad_h, const scalar_t* grad_v, cons
     return;
   }
   constexpr int64_t W = detail::kTileWidth<acc_t>;
+  const int64_t rows = detail::round_up(d, detail::kRowPad);
   // Transposed decay: grad_f = M^T g reads row j of M^T contiguously.
-  std::vector<acc_t> MT(static_cast<size_t>(dd));
-  for (int64_t i = 0; i < d; ++i)
-    for (int64_t j = 0; j < d; ++j) MT[static_cast<size_t>(j * d + i)] = static_cast<acc_t>(decay[i * d + j]);
+  const std::vector<acc_t> MT = detail::padded_matrix<acc_t>(decay, d, rows, /*transpose=*/true);
   const int64_t block = detail::feedback_block_length<acc_t>(d, N);
   const int64_t stride = block + W;
   const int64_t positions = B * N;
 
   parallel_for(num_chunks, num_threads, [&](int64_t chunk) {
-    // g_buf, f_buf: the block's g and f rows (zero-padded to whole tiles); mix_buf: M^T g; dot_buf: sum_c v*grad_v;
-    // dM: this chunk's partial of grad_decay.
-    std::vector<acc_t> work(static_cast<size_t>((3 * d + 1) * stride + dd), acc_t(0));
+    // g_buf, f_buf: the block's g and f rows (zero-padded to whole tiles, and to `rows` rows); mix_buf: M^T g;
+    // dot_buf: sum_c v*grad_v; dM: this chunk's partial of grad_decay, [rows, rows].
+    std::vector<acc_t> work(static_cast<size_t>((3 * rows + 1) * stride + rows * rows), acc_t(0));
     acc_t* g_buf = work.data();
-    acc_t* f_buf = g_buf + d * stride;
-    acc_t* mix_buf = f_buf + d * stride;
-    acc_t* dot_buf = mix_buf + d * stride;
+    acc_t* f_buf = g_buf + rows * stride;
+    acc_t* mix_buf = f_buf + rows * stride;
+    acc_t* dot_buf = mix_buf + rows * stride;
     acc_t* dM = dot_buf + stride;
     const auto range = detail::chunk_positions(chunk, num_chunks, positions);
     detail::for_each_block(range, N, block, [&](int64_t b, int64_t n0, int64_t len) {
@@ -264,13 +361,11 @@ void feedback_step_backward(const scalar_t* grad_h, const scalar_t* grad_v, cons
       for (int64_t c = 0; c < d; ++c) detail::load_padded(f_buf + c * stride, f + offset + c * N, len, padded);
 
       // grad_f = M^T g into mix_buf, then stored one row at a time (see the forward for why).
-      detail::mix_block<W>(mix_buf, MT.data(), g_buf, d, stride, padded);
+      detail::mix_block(mix_buf, MT.data(), g_buf, d, rows, stride, padded);
       for (int64_t j = 0; j < d; ++j) detail::store_row(grad_f + offset + j * N, mix_buf + j * stride, len);
-      for (int64_t i = 0; i < d; ++i)  // dM += g f^T over the block (padding is zero in both)
-        for (int64_t j = 0; j < d; ++j)
-          dM[i * d + j] += detail::dot_lanes<W>(g_buf + i * stride, f_buf + j * stride, padded);
+      detail::accumulate_outer(dM, g_buf, f_buf, rows, stride, padded);  // dM += g f^T (padding is zero in both)
     });
-    detail::store_row(partials + chunk * dd, dM, dd);
+    for (int64_t i = 0; i < d; ++i) detail::store_row(partials + chunk * dd + i * d, dM + i * rows, d);
   });
 
   // Sum the partials in chunk order: the same bits whatever thread ran which chunk.
