@@ -3,6 +3,7 @@ its optimisation passes, LLVM and ptxas all run, so a kernel that would fail to 
 
     python tests/compile_triton_for_gpu.py            # a representative subset (~20 s); used by tests/test_triton.py
     python tests/compile_triton_for_gpu.py --full     # every dtype x d x gradient combination (~90 s)
+    python tests/compile_triton_for_gpu.py --resources   # also registers and spills per kernel (ptxas -v)
 
 Run it with TRITON_INTERPRET unset: under the interpreter the kernels are not compilable JIT functions.
 Prints one line per kernel variant and exits 1 if any fails.
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
+import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -32,7 +36,7 @@ def _jit_function(kernel) -> JITFunction:
     return kernel
 
 
-def compile_kernel(kernel, signature: dict, constexprs: dict, target: GPUTarget) -> None:
+def compile_kernel(kernel, signature: dict, constexprs: dict, target: GPUTarget, num_warps: int = 4):
     """Compile ``kernel`` with the given argument types (names not in ``signature`` are constexprs)."""
     fn = _jit_function(kernel)
     names = fn.arg_names
@@ -41,58 +45,91 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, target: GPUTarget)
         signature={name: signature.get(name, "constexpr") for name in names},
         constexprs={(names.index(name),): value for name, value in constexprs.items()},
     )
-    triton.compile(source, target=target)
+    return triton.compile(source, target=target, options={"num_warps": num_warps})
 
 
-def variants(full: bool):
-    """(label, kernel, signature, constexprs) of every variant to compile."""
+def autotune_configs(kernel, constexprs: dict, every: bool):
+    """(BLOCK_N, num_warps) of the configs the kernel's autotuner keeps for these flags (its early prune), all of
+    them or only the first."""
+    configs = kernel.configs
+    if getattr(kernel, "early_config_prune", None):
+        configs = kernel.early_config_prune(configs, constexprs)
+    kept = [(c.kwargs["BLOCK_N"], c.num_warps) for c in configs]
+    return kept if every else kept[:1]
+
+
+def resource_usage(compiled, arch: int) -> str:
+    """Registers per thread and spill bytes of a compiled kernel, from `ptxas -v` on its PTX (Triton's ptxas)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = f"{tmp}/kernel.ptx"
+        with open(ptx, "w") as out:
+            out.write(compiled.asm["ptx"])
+        log = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}", ptx,
+                              "-o", f"{tmp}/kernel.o"], capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (f"{registers.group(1) if registers else '?'} registers, "
+            f"{spills.group(1) if spills else '?'}/{spills.group(2) if spills else '?'} bytes spilled (st/ld)")
+
+
+def variants(full: bool, every_config: bool = False):
+    """(label, kernel, signature, constexprs, num_warps) of every variant to compile."""
     dtypes = list(POINTER) if full else ["float32", "bfloat16", "float64"]
     channels = (4, 18, 33, 64) if full else (4, 18)
     gradients = ((True, True), (False, True), (True, False)) if full else ((True, True),)
     for dtype, d in itertools.product(dtypes, channels):
         ptr, partial = POINTER[dtype], "*fp64" if dtype == "float64" else "*fp32"
-        # The flags the host code launches with for this dtype and d, plus one tile size of the autotuner's.
-        flags = dict(feedback_step._launch_flags(torch.empty(0, dtype=getattr(torch, dtype)), d), BLOCK_N=128)
-        yield (f"feedback_step forward {dtype} d={d}", feedback_step._feedback_step_forward_kernel,
-               dict(h_ptr=ptr, f_ptr=ptr, decay_ptr=ptr, h_next_ptr=ptr, v_ptr=ptr, d="i32", N="i32",
-                    num_feedback="i32"), flags)
-        for has_grad_h, has_grad_v in gradients:
-            yield (f"feedback_step backward {dtype} d={d} grad_h={has_grad_h} grad_v={has_grad_v}",
-                   feedback_step._feedback_step_backward_kernel,
+        # The flags the host code launches with for this dtype and d, and the tile sizes the autotuner keeps.
+        flags = feedback_step._launch_flags(torch.empty(0, dtype=getattr(torch, dtype)), d)
+        forward = feedback_step._feedback_step_forward_kernel
+        for block_n, warps in autotune_configs(forward, flags, every_config):
+            yield (f"feedback_step forward {dtype} d={d} BLOCK_N={block_n} warps={warps}", forward,
+                   dict(h_ptr=ptr, f_ptr=ptr, decay_ptr=ptr, h_next_ptr=ptr, v_ptr=ptr, d="i32", N="i32",
+                        num_feedback="i32"), dict(flags, BLOCK_N=block_n), warps)
+        backward = feedback_step._feedback_step_backward_kernel
+        for (has_grad_h, has_grad_v), (block_n, warps) in itertools.product(
+                gradients, autotune_configs(backward, flags, every_config)):
+            yield (f"feedback_step backward {dtype} d={d} grad_h={has_grad_h} grad_v={has_grad_v} "
+                   f"BLOCK_N={block_n} warps={warps}", backward,
                    dict(grad_h_ptr=ptr, grad_v_ptr=ptr, f_ptr=ptr, v_ptr=ptr, decay_ptr=ptr, grad_h_in_ptr=ptr,
                         grad_f_ptr=ptr, partial_ptr=partial, B="i32", d="i32", N="i32", num_feedback="i32",
                         num_programs="i32"),
-                   dict(flags, HAS_GRAD_H=has_grad_h, HAS_GRAD_V=has_grad_v))
+                   dict(flags, BLOCK_N=block_n, HAS_GRAD_H=has_grad_h, HAS_GRAD_V=has_grad_v), warps)
     for dtype in dtypes:
         ptr, partial = POINTER[dtype], "*fp64" if dtype == "float64" else "*fp32"
         flags = dtype_flags(getattr(torch, dtype))
         alpha = dict(alpha_head="fp32", alpha_tail="fp32")
         yield (f"context_gate forward {dtype}", context_gate._context_gate_forward_kernel,
-               dict(h_ptr=ptr, gate_logits_ptr=ptr, out_ptr=ptr, N="i32", **alpha), dict(flags, BLOCK_N=1024))
+               dict(h_ptr=ptr, gate_logits_ptr=ptr, out_ptr=ptr, N="i32", **alpha), dict(flags, BLOCK_N=1024), 4)
         yield (f"context_gate backward {dtype}", context_gate._context_gate_backward_kernel,
                dict(grad_out_ptr=ptr, h_ptr=ptr, gate_logits_ptr=ptr, grad_h_ptr=ptr, partial_ptr=partial, N="i32",
-                    num_chunks="i32", **alpha), dict(flags, BLOCK_N=1024, CHUNK=8192))
+                    num_chunks="i32", **alpha), dict(flags, BLOCK_N=1024, CHUNK=8192), 4)
         yield (f"context_gate grad_logits {dtype}", context_gate._context_gate_grad_logits_kernel,
                dict(partial_ptr=partial, gate_logits_ptr=ptr, grad_gate_logits_ptr=ptr, num_chunks="i32", **alpha),
-               dict(IS_FP64=flags["IS_FP64"]))
+               dict(IS_FP64=flags["IS_FP64"]), 4)
         yield (f"sum_partials {dtype}", sum_partials_kernel,
-               dict(partial_ptr=partial, out_ptr=ptr, num_partials="i32", numel="i32"), dict(BLOCK=256))
+               dict(partial_ptr=partial, out_ptr=ptr, num_partials="i32", numel="i32"), dict(BLOCK=256), 4)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="every combination instead of a representative subset")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80 or 90 (default 90)")
+    parser.add_argument("--resources", action="store_true",
+                        help="every autotune config the kernels keep, with its registers and spills")
     args = parser.parse_args(argv)
     if INTERPRETING:
         print("TRITON_INTERPRET=1 is set: unset it to compile the kernels for a GPU", file=sys.stderr)
         return 2
     target = GPUTarget("cuda", args.arch, 32)
     failed = 0
-    for label, kernel, signature, constexprs in variants(args.full):
+    for label, kernel, signature, constexprs, num_warps in variants(args.full, every_config=args.resources):
         try:
-            compile_kernel(kernel, signature, constexprs, target)
-            print(f"ok    sm_{args.arch} {label}")
+            compiled = compile_kernel(kernel, signature, constexprs, target, num_warps)
+            usage = f": {resource_usage(compiled, args.arch)}" if args.resources else ""
+            print(f"ok    sm_{args.arch} {label}{usage}")
         except Exception as err:  # report every failing variant, not only the first
             failed += 1
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -4,9 +4,9 @@ Canonical layout: h, f, h_next, grad_h, grad_f: [B, d, N]; v, grad_v: [B, k, N];
 one dtype (float32, float64, float16, bfloat16; fp16/bf16 accumulate in fp32), one device.
 
 A tile is BLOCK_N positions of one batch element with all d channels (padded to D_PAD = next power of 2) in
-registers, so the forward reads h and f once and writes h_next and v once. The channel mix uses ``tl.dot`` for
-d >= 16 (fp32 in IEEE precision, so results match eager to ~1e-6) and rank-1 FMA updates over the input channels
-for small d and for float64. The backward's dL/dM = sum_{b,n} g f^T is reduced without atomics: a persistent
+registers, so the forward reads h and f once and writes h_next and v once. The channel mix uses ``tl.dot`` (tensor
+cores) for float16 and bfloat16 at d >= 16, and rank-1 FMA updates over the input channels otherwise (float32,
+float64, small d). The backward's dL/dM = sum_{b,n} g f^T is reduced without atomics: a persistent
 kernel accumulates one [d, d] partial per program in registers, and a second kernel sums the partials in a
 fixed order (bitwise reproducible for a given config and device).
 """
@@ -30,11 +30,26 @@ from ._utils import (
     upcast,
 )
 
-# d at which the channel mix switches from FMA updates to tensor-core tl.dot (tl.dot needs >= 16 per dim).
+# d at which the half-precision channel mix switches from FMA updates to tensor-core tl.dot (tl.dot needs >= 16 per
+# dim). float32 always uses the FMA updates: its IEEE-precision tl.dot runs on FMAs anyway (TF32 would not match
+# eager float32), and for sm_90 ptxas spills it in nearly every tile size (up to 9 KB a thread at d = 18).
 _DOT_MIN_CHANNELS = 16
+_DOT_DTYPES = (torch.float16, torch.bfloat16)
 # Largest BLOCK_N of any config: the persistent backward sizes its grid with it, so every program gets a tile.
 _MAX_BLOCK_N = 256
 _SUM_BLOCK = 256
+
+
+def _values_per_thread_budget(backward: bool, use_dot: bool, d_pad: int, is_fp64: bool) -> int:
+    """Most [D_PAD, BLOCK_N] tile values a thread may hold: the largest tiles that ptxas compiled for sm_90 without
+    spilling registers at d = 4, 18, 33 and 64 (`python tests/compile_triton_for_gpu.py --full --resources`).
+    The forward's rank-1 updates also hold a D_PAD-long column, so wide tiles fit only up to D_PAD = 32; the
+    backward holds g and f at once, and with tl.dot its operands and accumulators too. float64 takes 2 registers."""
+    if backward:
+        budget = 8 if use_dot else 16
+    else:
+        budget = 64 if d_pad <= 32 else 16
+    return budget // 2 if is_fp64 else budget
 
 
 def _configs():
@@ -42,29 +57,33 @@ def _configs():
         # The interpreter runs programs one by one in numpy: one fixed config, small enough that the test
         # shapes span several tiles and exercise the N masks.
         return [triton.Config({"BLOCK_N": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=nw) for bn in (64, 128, _MAX_BLOCK_N) for nw in (4, 8)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=nw) for bn in (32, 64, 128, _MAX_BLOCK_N) for nw in (4, 8)]
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles whose [D_PAD, BLOCK_N] fp32 working set cannot fit in registers (they only spill)."""
-    d_pad = named_args.get("D_PAD", kwargs.get("D_PAD", 16))
-    fitting = [c for c in configs if d_pad * c.kwargs["BLOCK_N"] <= 64 * 128 * c.num_warps]
-    return fitting or configs[:1]
+def _values_per_thread(config, d_pad: int) -> float:
+    return d_pad * config.kwargs["BLOCK_N"] / (32 * config.num_warps)
 
 
-_AUTOTUNE = dict(configs=_configs(), key=["d", "N"], prune_configs_by={"early_config_prune": _prune_configs})
+def _config_pruner(backward: bool):
+    """An early_config_prune that keeps the configs whose tile fits the thread budget above (the others spill), or
+    else the one with the smallest tile."""
+    def prune(configs, named_args, **kwargs):
+        def flag(name, default):
+            return named_args.get(name, kwargs.get(name, default))
+        d_pad = flag("D_PAD", 16)
+        limit = _values_per_thread_budget(backward, flag("USE_DOT", False), d_pad, flag("IS_FP64", False))
+        fitting = [c for c in configs if _values_per_thread(c, d_pad) <= limit]
+        return fitting or [min(configs, key=lambda c: _values_per_thread(c, d_pad))]
+    return prune
 
 
-@triton.jit
-def _channel_mix_dot(a, b, acc, IS_FP32: tl.constexpr):
-    """acc + a @ b on tensor cores; float32 in IEEE precision (no TF32) so it matches eager float32."""
-    if IS_FP32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
+_FORWARD_AUTOTUNE = dict(configs=_configs(), key=["d", "N"],
+                         prune_configs_by={"early_config_prune": _config_pruner(backward=False)})
+_BACKWARD_AUTOTUNE = dict(configs=_configs(), key=["d", "N"],
+                          prune_configs_by={"early_config_prune": _config_pruner(backward=True)})
 
 
-@triton.autotune(**_AUTOTUNE)
+@triton.autotune(**_FORWARD_AUTOTUNE)
 @triton.jit
 def _feedback_step_forward_kernel(
     h_ptr, f_ptr, decay_ptr, h_next_ptr, v_ptr,
@@ -89,7 +108,7 @@ def _feedback_step_forward_kernel(
         f = tl.load(f_ptr + tile_offsets, mask=tile_mask, other=0.0)
         decay = tl.load(decay_ptr + chan[:, None] * d + chan[None, :], mask=chan_ok[:, None] & chan_ok[None, :],
                         other=0.0)
-        h_next = _channel_mix_dot(decay, f, h_next, IS_FP32)
+        h_next = tl.dot(decay, f, h_next)  # tensor cores, fp32 accumulation
     else:
         # h_next += M[:, j] (outer) f[j, :] for each input channel j: registers stay [D_PAD, BLOCK_N] for any d.
         f_row_ptr = f_ptr + batch_base + pos
@@ -111,7 +130,7 @@ def _feedback_step_forward_kernel(
     tl.store(v_ptr + v_offsets, v.to(v_ptr.dtype.element_ty), mask=is_feedback[:, None] & pos_ok[None, :])
 
 
-@triton.autotune(**_AUTOTUNE)
+@triton.autotune(**_BACKWARD_AUTOTUNE)
 @triton.jit
 def _feedback_step_backward_kernel(
     grad_h_ptr, grad_v_ptr, f_ptr, v_ptr, decay_ptr,
@@ -164,9 +183,9 @@ def _feedback_step_backward_kernel(
         if USE_DOT:
             f = tl.load(f_ptr + tile_offsets, mask=tile_mask, other=0.0)
             g_in = g.to(f_ptr.dtype.element_ty)  # tensor cores take the input dtype; accumulation stays fp32
-            grad_f = _channel_mix_dot(decay_t, g_in, tl.zeros([D_PAD, BLOCK_N], dtype=tl.float32), IS_FP32)
+            grad_f = tl.dot(decay_t, g_in, tl.zeros([D_PAD, BLOCK_N], dtype=tl.float32))
             tl.store(grad_f_ptr + tile_offsets, grad_f.to(grad_f_ptr.dtype.element_ty), mask=tile_mask)
-            grad_decay = _channel_mix_dot(g_in, tl.trans(f), grad_decay, IS_FP32)
+            grad_decay = tl.dot(g_in, tl.trans(f), grad_decay)
         else:
             # Per input channel j: grad_f[j, :] = M[:, j] . g (reduce over rows); dM[:, j] += g . f[j, :].
             f_row_ptr = f_ptr + batch_base + pos
@@ -189,7 +208,7 @@ _FORWARD_INTERPRETED = kernel_is_interpreted(_feedback_step_forward_kernel)
 
 
 def _launch_flags(x: Tensor, d: int) -> dict:
-    use_dot = d >= _DOT_MIN_CHANNELS and x.dtype != torch.float64
+    use_dot = d >= _DOT_MIN_CHANNELS and x.dtype in _DOT_DTYPES
     return dict(D_PAD=max(triton.next_power_of_2(d), 2), USE_DOT=use_dot, **dtype_flags(x.dtype))
 
 
