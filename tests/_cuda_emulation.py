@@ -87,7 +87,6 @@ class EmulatedCuda:
             "fbk_context_gate_forward": [ptr] * 3 + [i64] * 3 + [f64, i32, ptr],
             "fbk_context_gate_backward": [ptr] * 5 + [i64] * 3 + [f64, i32, ptr],
             "fbk_device_count": [],
-            "fbk_emulation_launches": [],
             "fbk_emulation_take_streams": [ctypes.POINTER(ctypes.c_uint64), i64],
         }
         for name, argtypes in signatures.items():
@@ -133,10 +132,6 @@ class EmulatedCuda:
 
     def device_count(self):
         return self._lib.fbk_device_count()
-
-    def launches(self):
-        """Kernel launches run so far (the emulation counts them)."""
-        return self._lib.fbk_emulation_launches()
 
     def take_launch_streams(self, max_launches=64):
         """The stream handle of each kernel launch since the last call, in launch order."""

@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cstdlib>
 #include <exception>
 #include <memory>
@@ -75,7 +74,6 @@ std::vector<std::unique_ptr<char[]>> g_stacks;  // fiber stacks, kept for the ne
 std::mutex g_error_mutex;
 cudaError_t g_last_error = cudaSuccess;
 std::string g_last_message;
-std::atomic<int64_t> g_launches{0};
 std::vector<cudaStream_t> g_launch_streams;  // the stream of each launch since the tests last took them
 
 void set_error(cudaError_t code, const std::string& message) {
@@ -218,6 +216,7 @@ void fail(const char* what) {
   g_launch->fail(std::string(what) + " (" + block_name() + ", thread " + std::to_string(g_launch->current) + ")");
   g_launch->fibers[g_launch->current].state = State::kFinished;
   yield_to_scheduler(true);
+  std::abort();  // unreachable: a finished fiber is never resumed
 }
 
 void sync_block(int site) { wait_at(State::kAtBlockBarrier, site); }
@@ -251,7 +250,6 @@ void run_grid(const Config& config, void (*body)(void*), void* context) {
     return;
   }
   std::lock_guard<std::mutex> one_launch(g_launch_mutex);
-  ++g_launches;
   g_launch_streams.push_back(config.stream);
   LaunchState launch;
   launch.threads = static_cast<int>(threads);
@@ -323,8 +321,6 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const voi
   *blocks = cuda_emulation::kBlocksPerMultiprocessor;
   return cudaSuccess;
 }
-
-extern "C" int64_t fbk_emulation_launches() { return cuda_emulation::g_launches.load(); }
 
 // Copies the streams of the launches since the last call (at most max of them) to out and forgets them all;
 // returns how many launches there were.

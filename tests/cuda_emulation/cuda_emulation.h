@@ -127,8 +127,8 @@ int warp_width();  // lanes in this thread's warp (32, fewer in a block's last p
 // Marks `bytes` of shared memory at `p` as unwritten (0xFF bytes) once per block: the first thread to reach
 // the declaration does it, before any thread can write there.
 void poison_shared(void* p, std::size_t bytes);
-// Records a kernel error; the launch then fails.
-void fail(const char* what);
+// Records a kernel error and ends the calling thread; the launch then fails.
+[[noreturn]] void fail(const char* what);
 
 struct Config {
   dim3 grid, block;
