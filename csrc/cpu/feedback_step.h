@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -221,6 +222,60 @@ std::vector<acc_t> padded_matrix(const scalar_t* src, int64_t d, int64_t rows, b
   return out;
 }
 
+template <typename acc_t>
+struct NativeIntVector;
+template <>
+struct NativeIntVector<float> {
+  typedef int32_t type __attribute__((vector_size(kVectorBytes)));
+};
+
+// exp(z) for z <= 0 or NaN (a softmax input after the max is subtracted), on a vector of floats: Cody-Waite range
+// reduction and Cephes' expf polynomial, within 2 ulp of expf. Below ln(FLT_MIN) it returns 0 where expf gives a
+// subnormal (< 1.2e-38); -inf gives 0 and NaN stays NaN.
+inline vec_t<float> exp_nonpositive(vec_t<float> z) {
+  using V = vec_t<float>;
+  using VI = NativeIntVector<float>::type;
+  const V zero = {};
+  const V lowest = zero - 87.33654475f;
+  const V magic = zero + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
+  const auto below = z < lowest;
+  const V x = below ? lowest : z;
+  const V t = x * 1.44269504088896341f + magic;
+  const V n = t - magic;  // round(x / ln 2)
+  const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  V p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const V y = p * r * r + r + 1.0f;
+  const VI exponent = ((VI)t - (VI)magic + 127) << 23;  // 2^n as float bits (n >= -126 here)
+  const V result = below ? zero : y * (V)exponent;
+  return z != z ? z : result;
+}
+
+// x[n] = exp(x[n] - max[n]) and sum[n] += x[n] for n < len: the softmax's exponentials. float runs
+// exp_nonpositive on whole vectors and expf on the last few positions; double uses exp throughout.
+template <typename acc_t>
+inline void exp_minus_max(acc_t* __restrict x, const acc_t* __restrict max_buf, acc_t* __restrict sum_buf,
+                          int64_t len) {
+  int64_t n = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    constexpr int64_t L = kVectorBytes / static_cast<int64_t>(sizeof(float));
+    for (; n + L <= len; n += L) {
+      const vec_t<float> e = exp_nonpositive(load_vector(x + n) - load_vector(max_buf + n));
+      store_vector(x + n, e);
+      store_vector(sum_buf + n, load_vector(sum_buf + n) + e);
+    }
+  }
+  for (; n < len; ++n) {
+    const acc_t e = std::exp(x[n] - max_buf[n]);
+    x[n] = e;
+    sum_buf[n] += e;
+  }
+}
+
 // v[c * v_stride + n] = softmax over c < k of x[c * x_stride + n], for n < len. Subtracts the per-position max for
 // stability; a NaN/Inf only reaches the positions whose logits hold it. Overwrites x with exp(x - max).
 template <typename scalar_t, typename acc_t>
@@ -232,14 +287,7 @@ void softmax_columns(acc_t* x, int64_t x_stride, int64_t k, int64_t len, acc_t* 
     for (int64_t n = 0; n < len; ++n) max_buf[n] = xc[n] > max_buf[n] ? xc[n] : max_buf[n];
   }
   for (int64_t n = 0; n < len; ++n) sum_buf[n] = acc_t(0);
-  for (int64_t c = 0; c < k; ++c) {
-    acc_t* __restrict xc = x + c * x_stride;
-    for (int64_t n = 0; n < len; ++n) {
-      const acc_t e = std::exp(xc[n] - max_buf[n]);
-      xc[n] = e;
-      sum_buf[n] += e;
-    }
-  }
+  for (int64_t c = 0; c < k; ++c) exp_minus_max(x + c * x_stride, max_buf, sum_buf, len);
   for (int64_t n = 0; n < len; ++n) sum_buf[n] = acc_t(1) / sum_buf[n];
   for (int64_t c = 0; c < k; ++c) {
     const acc_t* __restrict xc = x + c * x_stride;
