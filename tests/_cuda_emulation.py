@@ -11,6 +11,7 @@ functions and arguments as the real module fbkernels._C_cuda, so fbkernels/_cuda
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import shutil
@@ -38,9 +39,15 @@ def translate(source: str) -> str:
         lambda m: f"{m.group(0)} ::cuda_emulation::poison_shared({m.group(1)}, sizeof({m.group(1)}));", source)
 
 
+@functools.lru_cache(maxsize=None)
 def compiler() -> str | None:
-    """The C++ compiler ($CXX, else g++; it needs _Float16, as GCC >= 12 on x86-64 has), or None without one."""
-    return os.environ.get("CXX") or shutil.which("g++")
+    """The C++ compiler ($CXX, else g++), or None without one that has _Float16 (GCC >= 12 on x86-64 has)."""
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    if cxx is None:
+        return None
+    probe = subprocess.run([cxx, "-x", "c++", "-std=c++17", "-fsyntax-only", "-"], input="_Float16 half_value;\n",
+                           capture_output=True, text=True)
+    return cxx if probe.returncode == 0 else None
 
 
 def build(out_dir: Path, sanitize: bool = False) -> Path:

@@ -25,7 +25,7 @@ SANITIZED = os.environ.get("FBKERNELS_EMULATION_SANITIZED") == "1"
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 STREAM = 0
 
-pytestmark = pytest.mark.skipif(_cuda_emulation.compiler() is None, reason="needs g++")
+pytestmark = pytest.mark.skipif(_cuda_emulation.compiler() is None, reason="needs g++ >= 12 (for _Float16)")
 
 
 @pytest.fixture(scope="module")
