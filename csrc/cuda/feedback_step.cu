@@ -147,6 +147,31 @@ __device__ __forceinline__ void chunk_matvec(acc_t* m_tile, const scalar_t* __re
   }
 }
 
+// sum over c < k of v[offset + c * N] * grad_v[offset + c * N]: the inner product of the softmax backward at one
+// position.
+template <typename scalar_t>
+__device__ __forceinline__ acc_t_of<scalar_t> softmax_dot(const scalar_t* __restrict__ v,
+                                                          const scalar_t* __restrict__ grad_v, int64_t offset,
+                                                          int64_t N, int k) {
+  acc_t_of<scalar_t> dot = 0;
+  for (int c = 0; c < k; ++c) dot += to_acc(v[offset + c * N]) * to_acc(grad_v[offset + c * N]);
+  return dot;
+}
+
+// dm[a][c] += g[a] * f[c] for a < 4, c < COLS, with g and f read from one position's row of the position-major
+// shared tiles: one position's share of a thread's 4 x COLS micro-tile of grad_M.
+template <int COLS, typename acc_t>
+__device__ __forceinline__ void accumulate_micro_tile(const acc_t* g, const acc_t* f, acc_t (&dm)[4][COLS]) {
+  acc_t gq[4], fq[COLS];
+  load_same<4>(g, gq);
+  load_same<COLS>(f, fq);
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+#pragma unroll
+    for (int c = 0; c < COLS; ++c) dm[a][c] = fma_acc(gq[a], fq[c], dm[a][c]);
+  }
+}
+
 // ------------------------------------------------------------------ forward kernels
 
 // Small d: thread = VEC consecutive positions of one batch; f[:, those positions] stays in registers.
@@ -316,12 +341,7 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
   const bool accumulates = slice < slices;
   const int row0 = (micro / tiles_1d) * 4;
   const int col0 = (micro % tiles_1d) * 4;
-  acc_t dm[4][4];
-#pragma unroll
-  for (int a = 0; a < 4; ++a) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) dm[a][c] = acc_t(0);
-  }
+  acc_t dm[4][4] = {};
   const int soft_begin = dd - kk;
   __syncthreads();
 
@@ -346,8 +366,7 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
           store_same<4>(g_row + i, gq);
         }
         const int64_t v_base = b * k * N + n;
-        acc_t dot = acc_t(0);
-        for (int c = 0; c < kk; ++c) dot += to_acc(v[v_base + c * N]) * to_acc(grad_v[v_base + c * N]);
+        const acc_t dot = softmax_dot(v, grad_v, v_base, N, kk);
         for (int c = 0; c < kk; ++c) {  // the re-reads of v / grad_v hit L1
           g_row[soft_begin + c] += to_acc(v[v_base + c * N]) * (to_acc(grad_v[v_base + c * N]) - dot);
         }
@@ -388,14 +407,7 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
     __syncthreads();
     if (accumulates) {
       for (int p = slice; p < T; p += slices) {
-        acc_t gq[4], fq[4];
-        load_same<4>(g_s + p * kStride + row0, gq);
-        load_same<4>(f_s + p * kStride + col0, fq);
-#pragma unroll
-        for (int a = 0; a < 4; ++a) {
-#pragma unroll
-          for (int c = 0; c < 4; ++c) dm[a][c] = fma_acc(gq[a], fq[c], dm[a][c]);
-        }
+        accumulate_micro_tile(g_s + p * kStride + row0, f_s + p * kStride + col0, dm);
       }
     }
     __syncthreads();  // g_s / f_s are rewritten by the next tile (or reused by the epilogue)
@@ -466,10 +478,7 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
     const bool active = n < N;
     const int64_t base = b * d * N + n;
     const int64_t v_base = b * k * N + n;
-    acc_t dot = acc_t(0);
-    if (active && grad_v != nullptr) {
-      for (int c = 0; c < kk; ++c) dot += to_acc(v[v_base + c * N]) * to_acc(grad_v[v_base + c * N]);
-    }
+    const acc_t dot = (active && grad_v != nullptr) ? softmax_dot(v, grad_v, v_base, N, kk) : acc_t(0);
     auto g_at = [&](int i) -> acc_t {
       acc_t g = grad_h != nullptr ? to_acc(grad_h[base + i * N]) : acc_t(0);
       if (grad_v != nullptr && i >= soft_begin) {
@@ -514,23 +523,9 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
           store_same<4>(f_s + tid * kStride + jj, fq);
         }
         __syncthreads();
-        acc_t dm[4][MTC];
-#pragma unroll
-        for (int a = 0; a < 4; ++a) {
-#pragma unroll
-          for (int c = 0; c < MTC; ++c) dm[a][c] = acc_t(0);
-        }
+        acc_t dm[4][MTC] = {};
 #pragma unroll 4
-        for (int p = 0; p < T; ++p) {
-          acc_t gq[4], fq[MTC];
-          load_same<4>(g_s + p * kStride + row0, gq);
-          load_same<MTC>(f_s + p * kStride + col0, fq);
-#pragma unroll
-          for (int a = 0; a < 4; ++a) {
-#pragma unroll
-            for (int c = 0; c < MTC; ++c) dm[a][c] = fma_acc(gq[a], fq[c], dm[a][c]);
-          }
-        }
+        for (int p = 0; p < T; ++p) accumulate_micro_tile(g_s + p * kStride + row0, f_s + p * kStride + col0, dm);
 #pragma unroll
         for (int a = 0; a < 4; ++a) {
 #pragma unroll
