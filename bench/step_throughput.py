@@ -33,7 +33,6 @@ Outputs: a markdown table on stdout; <out>/step_throughput_<device>_<date>.json 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -399,14 +398,11 @@ def plot(payload: dict, path: Path) -> Path:
                   title=f"{op}: achieved bandwidth")
         ax_time.legend(fontsize=7)
         ax_bw.legend(fontsize=7)
-    fig.suptitle(f"{payload['device']}, {payload['dtype']}, torch {payload['torch']}", fontsize=9)
-    return common.save_figure(fig, path)
+    return common.save_figure(fig, path, payload)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_run_args(parser)
+    parser = common.run_argument_parser(__doc__)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="quick", action="store_true", default=None,
                       help="the quick sweep (default on CPU: under 3 minutes on 2 cores)")

@@ -28,7 +28,6 @@ step has no minimal byte count); a PNG plot next to it; <out>/README_table.md.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -277,14 +276,11 @@ def plot(payload: dict, path: Path) -> Path:
         axes[0][2].axis("off")
     for ax in axes[0][:2]:
         ax.legend(fontsize=7)
-    fig.suptitle(f"{payload['device']}, {payload['dtype']}, torch {payload['torch']}", fontsize=9)
-    return common.save_figure(fig, path)
+    return common.save_figure(fig, path, payload)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_run_args(parser)
+    parser = common.run_argument_parser(__doc__)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--providers", default=None,
                         help="comma-separated subset of eager,cpp,cuda,triton (default: eager and every available "
