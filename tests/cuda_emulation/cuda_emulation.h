@@ -53,7 +53,6 @@ extern dim3 gridDim;
 
 // Device math the kernels call unqualified (the C library provides expf, fmaf, fmaxf, ...).
 inline int min(int a, int b) { return a < b ? a : b; }
-inline int max(int a, int b) { return a > b ? a : b; }
 
 // ------------------------------------------------------------------ half and bfloat16 (storage types)
 struct __half {
