@@ -116,7 +116,9 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
 
 
 def host_module(name: str) -> ModuleType:
-    """The module holding backend ``name``'s canonical host functions (see fbkernels/ops.py)."""
+    """The module holding backend ``name``'s host functions: feedback_step_forward/_backward and
+    context_gate_forward/_backward with the signatures of the eager reference in fbkernels/ops/feedback_step.py and
+    fbkernels/ops/context_gate.py, on contiguous [B, d, N] tensors."""
     if name == "eager":
         return importlib.import_module("fbkernels._reference")
     if name == "cpp":

@@ -1,0 +1,96 @@
+"""What the op modules share: input checks for the public functions, the canonical [B, d, N] layout, the dtype the
+reference computes in, the empty stand-in for a gradient autograd did not ask for, and the autocast rule that
+casts an op's other tensors to its state's dtype."""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, value, *, min_dim: int = 0) -> None:
+    """A floating tensor with at least ``min_dim`` dims."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float32, float64, float16 or bfloat16), got {value.dtype}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(value.shape)}")
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def check_like_state(name: str, value: Tensor, state_name: str, state: Tensor) -> None:
+    """On the state's device, and of its dtype unless autocast is on there (the op then casts to the state's dtype)."""
+    if value.device != state.device:
+        raise ValueError(f"{name} must be on the device of {state_name} ({state.device}), got {value.device}")
+    if value.dtype != state.dtype and not autocast_enabled(state.device):
+        raise TypeError(
+            f"{name} must have the dtype of {state_name} ({state.dtype}), got {value.dtype} "
+            f"(under torch.autocast it is cast to {state_name}'s dtype)"
+        )
+
+
+def check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+def canonical(x: Tensor) -> Tensor:
+    """[B, d, *S] -> contiguous [B, d, N], N = prod(S) (written out: -1 is ambiguous for a batch of 0)."""
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).contiguous()
+
+
+def flat(x: Tensor) -> Tensor:
+    """[B, d, *S] -> [B, d, N], a view where the strides allow."""
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 and bfloat16 compute in float32, as the fused kernels do."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def unrequested(like: Tensor) -> Tensor:
+    """The backward ops return tensors only (a custom op cannot return None): an empty one stands for a gradient
+    autograd did not ask for, and the autograd function turns it back into None."""
+    return like.new_empty(0)
+
+
+def unaliased(x: Tensor, *inputs: Tensor | None) -> Tensor:
+    """``x``, copied if it shares memory with one of ``inputs`` (a custom op's outputs may not alias its inputs)."""
+    if x.numel() and any(t is not None and t.numel() and x.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                         for t in inputs):
+        return x.clone()
+    return x
+
+
+def register_autocast_to_state_dtype(qualname: str, cast_to_state: Callable[[tuple], tuple]) -> None:
+    """Under torch.autocast, op ``qualname`` runs with ``cast_to_state(args)``: its other tensors cast to the dtype of
+    its state (the first argument), not to autocast's dtype, so a float32 state stays float32 (torch.library's
+    register_autocast casts every input to one given dtype instead)."""
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+    for device_type in ("cpu", "cuda"):
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def run_without_autocast(*args, _key=key):
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(*cast_to_state(args))
+
+        # The Python-dispatcher entry is what tracing (torch.compile, opcheck) uses; the library entry serves calls.
+        op.py_impl(key)(run_without_autocast)
+        _AUTOCAST_LIBRARY.impl(name, lambda _keyset, *args, _run=run_without_autocast: _run(*args), key_name,
+                               with_keyset=True)
+
+
+_AUTOCAST_LIBRARY = torch.library.Library("fbkernels", "FRAGMENT")

@@ -1,0 +1,176 @@
+"""context_gate: the CBL-CNN's top-down gating of a feature map, the whole op in one place.
+
+Math (h: [B, C, *S]; a = gate_logits: [B, C]; alpha in [0, 1]; the gate broadcasts over the positions s):
+
+    out[b, c, s] = alpha * h[b, c, s] + (1 - alpha) * h[b, c, s] * sigmoid(a[b, c])
+
+Backward, from g = dL/dout:
+
+    dL/dh[b, c, s] = g[b, c, s] * (alpha + (1 - alpha) * sigmoid(a[b, c]))
+    dL/da[b, c]    = (1 - alpha) * sigmoid(a) * (1 - sigmoid(a)) * sum over s of g[b, c, s] * h[b, c, s]
+
+In order below: input validation, the eager reference (the "eager" backend's host functions), the custom ops
+``fbkernels::context_gate`` and ``fbkernels::context_gate_backward`` with their fake implementations, autograd, the
+autocast rule, and the public function. The fused backends provide host functions with the reference's
+signatures, on the canonical contiguous [B, C, N] layout.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from ..backends import host_module, resolve_backend
+from ._checks import (
+    canonical,
+    check_like_state,
+    check_tensor,
+    compute_dtype,
+    register_autocast_to_state_dtype,
+    unaliased,
+    unrequested,
+)
+
+
+def _check_inputs(h, gate_logits, alpha) -> None:
+    check_tensor("h", h, min_dim=2)
+    check_tensor("gate_logits", gate_logits)
+    check_like_state("gate_logits", gate_logits, "h", h)
+    expected = (h.shape[0], h.shape[1])
+    if tuple(gate_logits.shape) != expected:
+        raise ValueError(f"gate_logits must have shape [B, C] = {list(expected)}, got {list(gate_logits.shape)}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a float in [0, 1], got {type(alpha).__name__}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+
+# ---------------------------------------------------------------- eager reference (the "eager" backend)
+
+def _per_position(h: Tensor, gate: Tensor) -> Tensor:
+    """[B, C] -> [B, C, 1, ...], broadcastable against h: [B, C, *S]."""
+    return gate.reshape(*gate.shape, *([1] * (h.dim() - 2)))
+
+
+def context_gate_forward(h: Tensor, gate_logits: Tensor, alpha: float) -> Tensor:
+    """out [B, C, *S]; float16/bfloat16 compute in float32 and round once."""
+    ct = compute_dtype(h.dtype)
+    gate = torch.sigmoid(_per_position(h, gate_logits).to(ct))
+    h_c = h.to(ct)
+    return (alpha * h_c + (1.0 - alpha) * h_c * gate).to(h.dtype)
+
+
+def context_gate_backward(
+    grad_out: Tensor, h: Tensor, gate_logits: Tensor, alpha: float, needs_grad: tuple[bool, bool] = (True, True)
+) -> tuple[Tensor | None, Tensor | None]:
+    """(dL/dh, dL/dgate_logits), each None where ``needs_grad`` says so. Plain differentiable torch ops, so the eager
+    backend's backward can itself be differentiated."""
+    needs_h, needs_gate = needs_grad
+    ct = compute_dtype(h.dtype)
+    gate = torch.sigmoid(gate_logits.to(ct))
+    g = grad_out.to(ct)
+    grad_h = (g * (alpha + (1.0 - alpha) * _per_position(h, gate))).to(h.dtype) if needs_h else None
+    grad_gate = None
+    if needs_gate:
+        gh = (g * h.to(ct)).sum(dim=tuple(range(2, h.dim()))) if h.dim() > 2 else g * h.to(ct)
+        grad_gate = ((1.0 - alpha) * gate * (1.0 - gate) * gh).to(gate_logits.dtype)
+    return grad_h, grad_gate
+
+
+# ---------------------------------------------------------------- custom ops and their fake implementations
+# As for feedback_step, the backend is an op argument that context_gate() resolves before the call.
+
+@torch.library.custom_op("fbkernels::context_gate", mutates_args=())
+def _context_gate_op(h: Tensor, gate_logits: Tensor, alpha: float, backend: str) -> Tensor:
+    return host_module(backend).context_gate_forward(canonical(h), gate_logits.contiguous(), alpha).reshape(h.shape)
+
+
+@_context_gate_op.register_fake
+def _(h, gate_logits, alpha, backend):
+    return h.new_empty(h.shape)
+
+
+@torch.library.custom_op("fbkernels::context_gate_backward", mutates_args=())
+def _context_gate_backward_op(
+    grad_out: Tensor, h: Tensor, gate_logits: Tensor, alpha: float, backend: str, needs_grad: list[bool]
+) -> tuple[Tensor, Tensor]:
+    """(dL/dh, dL/dgate_logits); an empty tensor for each gradient that ``needs_grad`` leaves out."""
+    grad_h, grad_gate = host_module(backend).context_gate_backward(
+        canonical(grad_out), canonical(h), gate_logits.contiguous(), alpha, tuple(needs_grad)
+    )
+    return (
+        unaliased(grad_h.reshape(h.shape), grad_out) if needs_grad[0] else unrequested(h),
+        grad_gate if needs_grad[1] else unrequested(gate_logits),
+    )
+
+
+@_context_gate_backward_op.register_fake
+def _(grad_out, h, gate_logits, alpha, backend, needs_grad):
+    return (
+        h.new_empty(h.shape) if needs_grad[0] else unrequested(h),
+        gate_logits.new_empty(gate_logits.shape) if needs_grad[1] else unrequested(gate_logits),
+    )
+
+
+# ---------------------------------------------------------------- autograd
+
+def _setup_context(ctx, inputs, output):
+    h, gate_logits, alpha, backend = inputs
+    ctx.save_for_backward(h, gate_logits)
+    ctx.alpha, ctx.backend = alpha, backend
+
+
+def _backward(ctx, grad_out):
+    h, gate_logits = ctx.saved_tensors
+    needs_grad = tuple(ctx.needs_input_grad[:2])
+    if not any(needs_grad):
+        return None, None, None, None
+    if ctx.backend == "eager":
+        grads = context_gate_backward(grad_out, h, gate_logits, ctx.alpha, needs_grad)
+    else:
+        grads = torch.ops.fbkernels.context_gate_backward.default(
+            grad_out, h, gate_logits, ctx.alpha, ctx.backend, list(needs_grad)
+        )
+        grads = tuple(grad if needed else None for grad, needed in zip(grads, needs_grad))
+    return (*grads, None, None)
+
+
+_context_gate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    ctx.backend = inputs[4]
+
+
+def _double_backward(ctx, *grads):
+    raise RuntimeError(
+        f"fbkernels.context_gate: backend {ctx.backend!r} has no double backward (a gradient of its gradient, as in "
+        "a gradient penalty or a Hessian-vector product); use backend='eager', whose backward is differentiable"
+    )
+
+
+_context_gate_backward_op.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
+
+# ---------------------------------------------------------------- autocast: compute in the feature map's dtype
+
+def _cast_to_state(args):
+    h, gate_logits, alpha, backend = args
+    return h, gate_logits.to(h.dtype), alpha, backend
+
+
+register_autocast_to_state_dtype("fbkernels::context_gate", _cast_to_state)
+
+
+# ---------------------------------------------------------------- public function
+
+def context_gate(h: Tensor, gate_logits: Tensor, alpha: float, *, backend: str | None = None) -> Tensor:
+    """Top-down gating: ``out = alpha * h + (1 - alpha) * h * sigmoid(gate_logits)`` broadcast over positions.
+
+    h: [B, C, *S]; gate_logits: [B, C]; alpha in [0, 1]. Returns out [B, C, *S] in h's dtype (under torch.autocast,
+    gate_logits is cast to it). ``backend``: "eager", "cpp", "cuda", "triton" or None for the fastest available one.
+    """
+    _check_inputs(h, gate_logits, alpha)
+    name = resolve_backend(backend, h.device, h.dtype)
+    return torch.ops.fbkernels.context_gate.default(h, gate_logits, float(alpha), name)

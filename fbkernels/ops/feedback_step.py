@@ -1,0 +1,194 @@
+"""feedback_step: one state update of the Feedback U-Net, the whole op in one place.
+
+Math, per batch element b and position s (h, f: [B, d, *S]; M = decay: [d, d]; k = num_feedback):
+
+    h_next[b, :, s] = h[b, :, s] + M @ f[b, :, s]
+    v[b, :, s]      = softmax(h_next[b, d-k:, s])
+
+Backward, from upstream g_h = dL/dh_next and g_v = dL/dv (either may be absent):
+
+    g = g_h;  g[:, d-k:] += v * (g_v - sum_c v * g_v)
+    dL/dh = g,   dL/df = M^T @ g,   dL/dM = sum over b, s of g f^T
+
+In order below: input validation, the eager reference (the "eager" backend's host functions), the custom ops
+``fbkernels::feedback_step`` and ``fbkernels::feedback_step_backward`` with their fake implementations, autograd,
+the autocast rule, and the public function. The fused backends (fbkernels/_cpp.py, _cuda.py, triton/) provide host
+functions with the reference's signatures, on the canonical contiguous [B, d, N] layout.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backends import host_module, resolve_backend
+from ._checks import (
+    canonical,
+    check_int,
+    check_like_state,
+    check_tensor,
+    compute_dtype,
+    flat,
+    register_autocast_to_state_dtype,
+    unaliased,
+    unrequested,
+)
+
+
+def _check_inputs(h, f, decay, num_feedback) -> None:
+    check_tensor("h", h, min_dim=2)
+    check_tensor("f", f)
+    check_tensor("decay", decay)
+    check_like_state("f", f, "h", h)
+    check_like_state("decay", decay, "h", h)
+    if f.shape != h.shape:
+        raise ValueError(f"f must have the shape of h {tuple(h.shape)}, got {tuple(f.shape)}")
+    d = h.shape[1]
+    if decay.shape != (d, d):
+        raise ValueError(f"decay must be a [d, d] = [{d}, {d}] matrix for h with d={d} channels, got {tuple(decay.shape)}")
+    check_int("num_feedback", num_feedback)
+    if not 1 <= num_feedback <= d:
+        raise ValueError(f"num_feedback must be in 1..d = 1..{d}, got {num_feedback}")
+
+
+# ---------------------------------------------------------------- eager reference (the "eager" backend)
+
+def _channel_mix(matrix: Tensor, x: Tensor) -> Tensor:
+    """y[b, :, s] = matrix @ x[b, :, s] for x: [B, d, *S]."""
+    return torch.matmul(matrix, flat(x)).reshape(x.shape[0], matrix.shape[0], *x.shape[2:])
+
+
+def feedback_step_forward(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int) -> tuple[Tensor, Tensor]:
+    """(h_next [B, d, *S], v [B, k, *S]); float16/bfloat16 compute in float32 and round once."""
+    ct = compute_dtype(h.dtype)
+    h_next = h.to(ct) + _channel_mix(decay.to(ct), f.to(ct))
+    v = torch.softmax(h_next[:, h.shape[1] - num_feedback:], dim=1)
+    return h_next.to(h.dtype), v.to(h.dtype)
+
+
+def feedback_step_backward(
+    grad_h: Tensor | None, grad_v: Tensor | None, f: Tensor, v: Tensor, decay: Tensor, num_feedback: int,
+    needs_grad: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dL/dh, dL/df, dL/ddecay), each None where ``needs_grad`` says so; absent upstream gradients count as zero.
+    Plain differentiable torch ops, so the eager backend's backward can itself be differentiated."""
+    if not any(needs_grad):
+        return None, None, None
+    ct = compute_dtype(f.dtype)
+    d, k = f.shape[1], num_feedback
+    g = grad_h.to(ct) if grad_h is not None else torch.zeros(f.shape, dtype=ct, device=f.device)
+    if grad_v is not None:
+        v_c, gv = v.to(ct), grad_v.to(ct)
+        g_feedback = g[:, d - k:] + v_c * (gv - (v_c * gv).sum(dim=1, keepdim=True))
+        g = torch.cat((g[:, :d - k], g_feedback), dim=1)
+    needs_h, needs_f, needs_decay = needs_grad
+    grad_h_in = g.to(f.dtype) if needs_h else None
+    grad_f = _channel_mix(decay.to(ct).t(), g).to(f.dtype) if needs_f else None
+    grad_decay = torch.einsum("bin,bjn->ij", flat(g), flat(f.to(ct))).to(decay.dtype) if needs_decay else None
+    return grad_h_in, grad_f, grad_decay
+
+
+# ---------------------------------------------------------------- custom ops and their fake implementations
+# The backend name is an argument of the op: on one device several backends can run the op (eager and cpp on CPU),
+# which dispatch keys cannot tell apart. feedback_step() resolves it before the call, so a graph holds a constant.
+
+@torch.library.custom_op("fbkernels::feedback_step", mutates_args=())
+def _feedback_step_op(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int, backend: str) -> tuple[Tensor, Tensor]:
+    h_next, v = host_module(backend).feedback_step_forward(canonical(h), canonical(f), decay.contiguous(), num_feedback)
+    return h_next.reshape(h.shape), v.reshape(h.shape[0], num_feedback, *h.shape[2:])
+
+
+@_feedback_step_op.register_fake
+def _(h, f, decay, num_feedback, backend):
+    return h.new_empty(h.shape), h.new_empty((h.shape[0], num_feedback, *h.shape[2:]))
+
+
+@torch.library.custom_op("fbkernels::feedback_step_backward", mutates_args=())
+def _feedback_step_backward_op(
+    grad_h: Optional[Tensor], grad_v: Optional[Tensor], f: Tensor, v: Tensor, decay: Tensor, num_feedback: int,
+    backend: str, needs_grad: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dh, dL/df, dL/ddecay); an empty tensor for each gradient that ``needs_grad`` leaves out."""
+    grads = host_module(backend).feedback_step_backward(
+        None if grad_h is None else canonical(grad_h), None if grad_v is None else canonical(grad_v),
+        canonical(f), canonical(v), decay.contiguous(), num_feedback, tuple(needs_grad),
+    )
+    shapes = (f.shape, f.shape, decay.shape)
+    return tuple(
+        unaliased(grad.reshape(shape), grad_h, grad_v) if needed else unrequested(like)
+        for grad, needed, shape, like in zip(grads, needs_grad, shapes, (f, f, decay))
+    )
+
+
+@_feedback_step_backward_op.register_fake
+def _(grad_h, grad_v, f, v, decay, num_feedback, backend, needs_grad):
+    shapes = (f.shape, f.shape, decay.shape)
+    return tuple(like.new_empty(shape) if needed else unrequested(like)
+                 for needed, shape, like in zip(needs_grad, shapes, (f, f, decay)))
+
+
+# ---------------------------------------------------------------- autograd
+
+def _setup_context(ctx, inputs, output):
+    _, f, decay, num_feedback, backend = inputs
+    ctx.save_for_backward(f, output[1], decay)
+    ctx.num_feedback, ctx.backend = num_feedback, backend
+    # An upstream gradient that does not exist stays None, so the kernels skip it instead of reading zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_h_next, grad_v):
+    f, v, decay = ctx.saved_tensors
+    needs_grad = tuple(ctx.needs_input_grad[:3])
+    if (grad_h_next is None and grad_v is None) or not any(needs_grad):
+        return None, None, None, None, None
+    if ctx.backend == "eager":
+        grads = feedback_step_backward(grad_h_next, grad_v, f, v, decay, ctx.num_feedback, needs_grad)
+    else:
+        grads = torch.ops.fbkernels.feedback_step_backward.default(
+            grad_h_next, grad_v, f, v, decay, ctx.num_feedback, ctx.backend, list(needs_grad)
+        )
+        grads = tuple(grad if needed else None for grad, needed in zip(grads, needs_grad))
+    return (*grads, None, None)
+
+
+_feedback_step_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    ctx.backend = inputs[6]
+
+
+def _double_backward(ctx, *grads):
+    raise RuntimeError(
+        f"fbkernels.feedback_step: backend {ctx.backend!r} has no double backward (a gradient of its gradient, as in "
+        "a gradient penalty or a Hessian-vector product); use backend='eager', whose backward is differentiable"
+    )
+
+
+_feedback_step_backward_op.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
+
+# ---------------------------------------------------------------- autocast: compute in the state's dtype
+
+def _cast_to_state(args):
+    h, f, decay, num_feedback, backend = args
+    return h, f.to(h.dtype), decay.to(h.dtype), num_feedback, backend
+
+
+register_autocast_to_state_dtype("fbkernels::feedback_step", _cast_to_state)
+
+
+# ---------------------------------------------------------------- public function
+
+def feedback_step(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int, *, backend: str | None = None):
+    """One feedback-state update: ``h_next = h + decay @ f`` per position, ``v = softmax(h_next[:, d-k:])``.
+
+    h, f: [B, d, *S]; decay: [d, d]; num_feedback = k in 1..d. Returns (h_next [B, d, *S], v [B, k, *S]) in h's
+    dtype (under torch.autocast, f and decay are cast to it). ``backend``: "eager", "cpp", "cuda", "triton" or None
+    for the fastest available one.
+    """
+    _check_inputs(h, f, decay, num_feedback)
+    name = resolve_backend(backend, h.device, h.dtype)
+    return torch.ops.fbkernels.feedback_step.default(h, f, decay, int(num_feedback), name)
