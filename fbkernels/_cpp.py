@@ -46,7 +46,8 @@ def feedback_step_forward(h, f, decay, num_feedback):
     return h_next, v
 
 
-def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback):
+def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback, needs_grad=(True, True, True)):
+    # needs_grad is honoured only by dropping results here: the kernels still compute every gradient.
     B, d, N = f.shape
     grad_h_in = torch.empty_like(f)
     grad_f = torch.empty_like(f)
@@ -57,7 +58,7 @@ def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback):
         grad_h_in.data_ptr(), grad_f.data_ptr(), grad_decay.data_ptr(), partials.data_ptr(),
         B, d, N, num_feedback, _DTYPE_CODES[f.dtype], _num_threads(),
     )
-    return grad_h_in, grad_f, grad_decay
+    return tuple(grad if needed else None for grad, needed in zip((grad_h_in, grad_f, grad_decay), needs_grad))
 
 
 def context_gate_forward(h, gate_logits, alpha):
@@ -70,7 +71,8 @@ def context_gate_forward(h, gate_logits, alpha):
     return out
 
 
-def context_gate_backward(grad_out, h, gate_logits, alpha):
+def context_gate_backward(grad_out, h, gate_logits, alpha, needs_grad=(True, True)):
+    # needs_grad is honoured only by dropping results here: the kernel still computes both gradients.
     B, C, N = h.shape
     grad_h = torch.empty_like(h)
     grad_gate_logits = torch.empty_like(gate_logits)
@@ -78,4 +80,4 @@ def context_gate_backward(grad_out, h, gate_logits, alpha):
         grad_out.data_ptr(), h.data_ptr(), gate_logits.data_ptr(), grad_h.data_ptr(), grad_gate_logits.data_ptr(),
         B, C, N, float(alpha), _DTYPE_CODES[h.dtype], _num_threads(),
     )
-    return grad_h, grad_gate_logits
+    return tuple(grad if needed else None for grad, needed in zip((grad_h, grad_gate_logits), needs_grad))
