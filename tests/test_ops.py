@@ -1,5 +1,12 @@
-"""feedback_step, context_gate and decay_matrix: every CPU backend against the eager reference, plus the API."""
+"""feedback_step, context_gate and decay_matrix on every available (backend, device, dtype), against the reference.
+
+CASES is the one list of what runs here: eager and cpp on CPU, triton on CPU under its interpreter (conftest.py sets
+TRITON_INTERPRET=1), and eager, cuda and triton on CUDA tensors when a GPU is visible. Every case runs the one shape
+table, with expected values from the eager op in float64, the tolerance policy of _compare.py, and every allocation
+inside the op call pre-filled with NaN.
+"""
 import math
+import sys
 
 import pytest
 import torch
@@ -7,220 +14,436 @@ from torch.library import opcheck
 
 import fbkernels
 from fbkernels import _reference
+from fbkernels.backends import host_module
 
-NATIVE_CPU = [b for b in ("cpp",) if b in fbkernels.available_backends("cpu")]
-needs_cpp = pytest.mark.skipif("cpp" not in NATIVE_CPU, reason="fbkernels._C not built")
-# Registration-level checks (opcheck, torch.compile) also cover triton, under its interpreter on CPU (conftest.py).
-# Its kernels' numerics against eager are in tests/test_triton.py, on shapes small enough for the interpreter.
-REGISTERED_CPU = [b for b in ("eager", "cpp", "triton") if b in fbkernels.available_backends("cpu")]
+from _compare import TOL, assert_close, nan_filled_allocations
 
-# (B, d, k, spatial) covering batch 0/1/3, d 2..64, k = 1 and k = d, 0-D to 3-D spatial with 1x1 and odd sizes.
+F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+_DTYPES = {
+    ("eager", "cpu"): (F32, F64, BF16),
+    ("cpp", "cpu"): (F32, F64),
+    ("triton", "cpu"): (F32, F64, F16, BF16),
+    ("eager", "cuda"): (F32, F64, F16, BF16),
+    ("cuda", "cuda"): (F32, F64, F16, BF16),
+    ("triton", "cuda"): (F32, F64, F16, BF16),
+}
+
+
+def _available_cases():
+    cases = []
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for backend in fbkernels.available_backends(device):
+            for dtype in _DTYPES[(backend, device)]:
+                marks = [pytest.mark.gpu] if device == "cuda" else []
+                cases.append(pytest.param(backend, device, dtype, marks=marks,
+                                          id=f"{backend}-{device}-{str(dtype).removeprefix('torch.')}"))
+    return cases
+
+
+CASES = _available_cases()
+FUSED_CPU = [b for b in fbkernels.available_backends("cpu") if b != "eager"]
+ALL_CPU = fbkernels.available_backends("cpu")
+# Triton's interpreter runs every program in numpy: it gets the tables' small shapes only.
+INTERPRETER_MAX_POSITIONS = 512
+INTERPRETER_MAX_GATE_ROWS = 32
+
+# (B, d, k, spatial): batch 0/1/3, d from 2 to 64 (below and above 16, where the half-precision Triton kernels switch
+# to tl.dot; odd and power-of-2), k = 1 and k = d, 0-D to 3-D spatial dims, 1x1 maps, odd sizes that leave partial
+# tiles, and one map large enough for several chunks of the CPU backward.
 FEEDBACK_SHAPES = [
     (1, 2, 1, (5, 7)),
     (3, 2, 2, (1, 1)),
     (0, 4, 2, (3, 3)),
     (1, 5, 5, ()),
+    (3, 7, 1, (1,)),
     (3, 18, 2, (9, 11)),
     (1, 18, 18, (13,)),
-    (3, 7, 1, (1,)),
     (1, 33, 3, (2, 3, 5)),
     (3, 64, 1, (4, 6)),
     (1, 64, 64, (1, 1, 1)),
     (2, 18, 2, (37, 41)),
 ]
-GATE_SHAPES = [(1, 3, (5, 7)), (0, 4, (2, 2)), (3, 16, ()), (2, 7, (1, 1)), (3, 64, (9,)), (2, 5, (2, 3, 4))]
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+# (B, C, spatial, alpha) of the context gate, with the same coverage and alpha at both ends and inside [0, 1].
+GATE_SHAPES = [(1, 3, (5, 7), 0.0), (0, 4, (2, 2), 0.3), (2, 16, (), 1.0), (2, 7, (1, 1), 0.3), (3, 64, (9,), 0.0),
+               (2, 5, (2, 3, 4), 0.7), (2, 5, (11, 13), 1.0), (4, 8, (40, 33), 0.3)]
 
 
-def _feedback_inputs(B, d, spatial, dtype, requires_grad=True):
-    h = torch.randn(B, d, *spatial, dtype=dtype)
-    f = torch.randn(B, d, *spatial, dtype=dtype)
-    decay = torch.randn(d, d, dtype=dtype) / math.sqrt(d)
+def _skip_unsupported(backend, device, dtype, positions, d=0, gate_rows=0):
+    if backend == "triton" and device == "cpu":
+        if positions > INTERPRETER_MAX_POSITIONS or gate_rows > INTERPRETER_MAX_GATE_ROWS:
+            pytest.skip("too large for Triton's interpreter")
+        if dtype == BF16 and d >= 16:
+            pytest.skip("Triton's interpreter multiplies raw bfloat16 bits in tl.dot (triton-lang/triton#11584)")
+
+
+def _randn(*shape, dtype, device, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def _feedback_inputs(B, d, spatial, dtype, device="cpu", requires_grad=True):
+    h = _randn(B, d, *spatial, dtype=dtype, device=device)
+    f = _randn(B, d, *spatial, dtype=dtype, device=device)
+    decay = _randn(d, d, dtype=dtype, device=device, scale=1 / math.sqrt(d))
     return [t.requires_grad_(requires_grad) for t in (h, f, decay)]
 
 
-def _run_feedback(backend, h, f, decay, k, weights, use=("h", "v")):
-    """Outputs and gradients of loss = <w_h, h_next> + <w_v, v> (only the used outputs enter the loss)."""
-    h_next, v = fbkernels.feedback_step(h, f, decay, k, backend=backend)
-    loss = 0.0
+def _feedback_run(backend, inputs, k, weights, use=("h", "v")):
+    """(h_next, v, dL/dh, dL/df, dL/ddecay) for L = <w_h, h_next> + <w_v, v> over the used outputs."""
+    h_next, v = fbkernels.feedback_step(*inputs, k, backend=backend)
+    loss = 0
     if "h" in use:
-        loss = loss + (h_next * weights[0]).sum()
+        loss = loss + (h_next.double() * weights[0]).sum()
     if "v" in use:
-        loss = loss + (v * weights[1]).sum()
-    grads = torch.autograd.grad(loss, (h, f, decay), allow_unused=True) if h.numel() else (None,) * 3
-    return (h_next, v, *grads)
+        loss = loss + (v.double() * weights[1]).sum()
+    return (h_next, v, *torch.autograd.grad(loss, inputs))
 
 
-@needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def _feedback_expected(inputs, k, weights, use=("h", "v")):
+    exact = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    return _feedback_run("eager", exact, k, [w.cpu() for w in weights], use)
+
+
+def _assert_feedback_matches(got, expected, dtype, positions):
+    for name, a, b in zip(("h_next", "v", "dL/dh", "dL/df", "dL/ddecay"), got, expected):
+        assert a.dtype == dtype, f"{name} has dtype {a.dtype}"
+        assert_close(name, a.cpu(), b, dtype, summed_over=positions if name == "dL/ddecay" else 1)
+
+
+# ---------------------------------------------------------------- feedback_step against the reference
+
 @pytest.mark.parametrize("B,d,k,spatial", FEEDBACK_SHAPES)
-def test_feedback_step_matches_eager(B, d, k, spatial, dtype):
-    h, f, decay = _feedback_inputs(B, d, spatial, dtype)
-    weights = (torch.randn(B, d, *spatial, dtype=dtype), torch.randn(B, k, *spatial, dtype=dtype))
-    expected = _run_feedback("eager", h, f, decay, k, weights)
-    for backend in NATIVE_CPU:
-        got = _run_feedback(backend, h, f, decay, k, weights)
-        assert got[0].shape == (B, d, *spatial) and got[1].shape == (B, k, *spatial)
-        for name, a, b in zip(("h_next", "v", "dh", "df", "ddecay"), got, expected):
-            if b is None:
-                continue
-            tol = dict(TOL[dtype])
-            if name == "ddecay":
-                # A sum over B*N positions: rounding grows like sqrt(B*N) whatever the summation order.
-                tol["atol"] *= math.sqrt(max(1, B * math.prod(spatial)))
-            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{backend} {name}: {m}")
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_feedback_step_matches_reference(backend, device, dtype, B, d, k, spatial):
+    positions = B * math.prod(spatial)
+    _skip_unsupported(backend, device, dtype, positions, d)
+    inputs = _feedback_inputs(B, d, spatial, dtype, device)
+    weights = (_randn(B, d, *spatial, dtype=F64, device=device), _randn(B, k, *spatial, dtype=F64, device=device))
+    with nan_filled_allocations():
+        got = _feedback_run(backend, inputs, k, weights)
+    assert got[0].shape == (B, d, *spatial) and got[1].shape == (B, k, *spatial)
+    _assert_feedback_matches(got, _feedback_expected(inputs, k, weights), dtype, positions)
 
 
-@needs_cpp
-@pytest.mark.parametrize("use", [("h",), ("v",)])
-def test_feedback_step_one_output_used(use):
-    """Gradients when only h_next or only v reaches the loss (the other upstream gradient is absent)."""
-    h, f, decay = _feedback_inputs(2, 6, (5, 4), torch.float64)
-    weights = (torch.randn(2, 6, 5, 4, dtype=torch.float64), torch.randn(2, 3, 5, 4, dtype=torch.float64))
-    expected = _run_feedback("eager", h, f, decay, 3, weights, use)
-    got = _run_feedback("cpp", h, f, decay, 3, weights, use)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, **TOL[torch.float64])
+@pytest.mark.parametrize("use", [("h",), ("v",)], ids=["h_next_only", "v_only"])
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_feedback_step_with_one_upstream_gradient(backend, device, dtype, use):
+    """Only h_next or only v reaches the loss: the backward gets None for the other and must not read it."""
+    _skip_unsupported(backend, device, dtype, 2 * 20, d=6)
+    inputs = _feedback_inputs(2, 6, (5, 4), dtype, device)
+    weights = (_randn(2, 6, 5, 4, dtype=F64, device=device), _randn(2, 3, 5, 4, dtype=F64, device=device))
+    with nan_filled_allocations():
+        got = _feedback_run(backend, inputs, 3, weights, use)
+    _assert_feedback_matches(got, _feedback_expected(inputs, 3, weights, use), dtype, 40)
 
 
-@needs_cpp
-def test_feedback_step_non_contiguous_inputs():
-    base_h = torch.randn(3, 8, 11, 6, dtype=torch.float64)
-    h = base_h.transpose(2, 3).requires_grad_()  # strided spatial dims
-    f = torch.randn(3, 16, 6, 11, dtype=torch.float64)[:, ::2].requires_grad_()  # every other channel
-    decay = torch.randn(8, 8, dtype=torch.float64).t().requires_grad_()  # column-major decay
-    assert not (h.is_contiguous() or f.is_contiguous() or decay.is_contiguous())
-    weights = (torch.randn(3, 8, 6, 11, dtype=torch.float64), torch.randn(3, 2, 6, 11, dtype=torch.float64))
-    expected = _run_feedback("eager", h, f, decay, 2, weights)
-    got = _run_feedback("cpp", h, f, decay, 2, weights)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, **TOL[torch.float64])
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_feedback_step_non_contiguous_inputs(backend, device, dtype):
+    _skip_unsupported(backend, device, dtype, 3 * 66, d=8)
+    h = _randn(3, 8, 11, 6, dtype=dtype, device=device).transpose(2, 3)  # strided spatial dims
+    f = _randn(3, 16, 6, 11, dtype=dtype, device=device)[:, ::2]  # every other channel
+    decay = _randn(8, 8, dtype=dtype, device=device, scale=0.3).t()  # column-major
+    inputs = [t.requires_grad_() for t in (h, f, decay)]
+    assert not any(t.is_contiguous() for t in inputs)
+    weights = (_randn(3, 8, 6, 11, dtype=F64, device=device), _randn(3, 2, 6, 11, dtype=F64, device=device))
+    with nan_filled_allocations():
+        got = _feedback_run(backend, inputs, 2, weights)
+    _assert_feedback_matches(got, _feedback_expected(inputs, 2, weights), dtype, 3 * 66)
 
 
-@needs_cpp
-def test_feedback_step_gradcheck_float64():
-    h, f, decay = _feedback_inputs(2, 5, (3, 2), torch.float64)
-    assert torch.autograd.gradcheck(lambda *x: fbkernels.feedback_step(*x, 2, backend="cpp"), (h, f, decay))
-    assert torch.autograd.gradcheck(lambda *x: fbkernels.feedback_step(*x, 5, backend="cpp")[1], (h, f, decay))
+@pytest.mark.parametrize("requires", ["h", "f", "decay", "f+decay"])
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_feedback_step_backward_computes_only_the_requested_gradients(backend, device, dtype, requires,
+                                                                       monkeypatch):
+    """The backward receives ctx.needs_input_grad as needs_grad (h(0) = 0 and a frozen decay need no gradient)."""
+    _skip_unsupported(backend, device, dtype, 2 * 12, d=5)
+    names = ("h", "f", "decay")
+    needs_grad = tuple(name in requires.split("+") for name in names)
+    inputs = _feedback_inputs(2, 5, (3, 4), dtype, device, requires_grad=False)
+    for t, needed in zip(inputs, needs_grad):
+        t.requires_grad_(needed)
+    # The eager backend's backward is the reference function itself; the others go through their host module.
+    owner = sys.modules["fbkernels.ops.feedback_step"] if backend == "eager" else host_module(backend)
+    backward, received = owner.feedback_step_backward, []
+
+    def recording_backward(*args):
+        received.append(tuple(args[6]) if len(args) > 6 else "no needs_grad argument")
+        return backward(*args)
+
+    monkeypatch.setattr(owner, "feedback_step_backward", recording_backward)
+    h_next, v = fbkernels.feedback_step(*inputs, 2, backend=backend)
+    (h_next.double().sum() + v.double().square().sum()).backward()
+    assert received == [needs_grad]
+    exact = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    h_ref, v_ref = fbkernels.feedback_step(*exact, 2, backend="eager")
+    (h_ref.sum() + v_ref.square().sum()).backward()
+    for name, t, ref, needed in zip(names, inputs, exact, needs_grad):
+        if needed:
+            assert_close(f"dL/d{name}", t.grad.cpu(), ref.grad, dtype, summed_over=24 if name == "decay" else 1)
+        else:
+            assert t.grad is None
 
 
-def test_feedback_step_eager_gradcheck_float64():
-    h, f, decay = _feedback_inputs(2, 4, (3,), torch.float64)
-    assert torch.autograd.gradcheck(lambda *x: fbkernels.feedback_step(*x, 1, backend="eager"), (h, f, decay))
-
-
-@needs_cpp
-def test_feedback_step_decay_gradient_is_deterministic():
-    h, f, decay = _feedback_inputs(4, 18, (64, 64), torch.float32)
-    grads = [torch.autograd.grad(fbkernels.feedback_step(h, f, decay, 2, backend="cpp")[1].pow(2).sum(), decay)[0]
-             for _ in range(3)]
-    assert all(torch.equal(grads[0], g) for g in grads[1:])
-
-
-@needs_cpp
-def test_nan_stays_at_its_position():
-    h, f, decay = _feedback_inputs(2, 6, (4, 5), torch.float32, requires_grad=False)
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_feedback_step_nan_stays_at_its_position(backend, device, dtype):
+    _skip_unsupported(backend, device, dtype, 2 * 20, d=6)
+    h, f, decay = _feedback_inputs(2, 6, (4, 5), dtype, device, requires_grad=False)
     f[1, 3, 2, 2] = float("nan")
     h[0, 0, 1, 1] = float("inf")
-    h_next, v = fbkernels.feedback_step(h, f, decay, 2, backend="cpp")
-    bad = torch.zeros(2, 4, 5, dtype=torch.bool)
+    h_next, v = fbkernels.feedback_step(h, f, decay, 2, backend=backend)
+    bad = torch.zeros(2, 4, 5, dtype=torch.bool, device=device)
     bad[1, 2, 2] = bad[0, 1, 1] = True
     assert torch.isfinite(h_next.permute(0, 2, 3, 1)[~bad]).all()
     assert torch.isfinite(v.permute(0, 2, 3, 1)[~bad]).all()
     assert torch.isnan(h_next[1, :, 2, 2]).all()
 
 
-def _gate_inputs(B, C, spatial, dtype):
-    h = torch.randn(B, C, *spatial, dtype=dtype, requires_grad=True)
-    a = (2 * torch.randn(B, C, dtype=dtype)).requires_grad_()
-    return h, a
+@pytest.mark.parametrize("backend,device,dtype", [c for c in CASES if c.values[2] == F32])
+def test_feedback_step_decay_gradient_is_deterministic(backend, device, dtype):
+    B, *spatial = (4, 64, 64) if not (backend == "triton" and device == "cpu") else (2, 9, 11)
+    h, f, decay = _feedback_inputs(B, 18, spatial, dtype, device)
+    grads = [torch.autograd.grad(fbkernels.feedback_step(h, f, decay, 2, backend=backend)[1].square().sum(), decay)[0]
+             for _ in range(2)]
+    assert torch.equal(*grads)
 
 
-def _run_gate(backend, h, a, alpha, weight):
-    out = fbkernels.context_gate(h, a, alpha, backend=backend)
-    if not h.numel():
-        return (out,)
-    return (out, *torch.autograd.grad((out * weight).sum(), (h, a)))
+# ---------------------------------------------------------------- context_gate against the reference
+
+def _gate_inputs(B, C, spatial, dtype, device="cpu"):
+    h = _randn(B, C, *spatial, dtype=dtype, device=device).requires_grad_()
+    gate_logits = _randn(B, C, dtype=dtype, device=device, scale=2.0).requires_grad_()
+    return h, gate_logits
 
 
-@needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("B,C,spatial", GATE_SHAPES)
-def test_context_gate_matches_eager(B, C, spatial, alpha, dtype):
-    h, a = _gate_inputs(B, C, spatial, dtype)
-    weight = torch.randn(B, C, *spatial, dtype=dtype)
-    expected = _run_gate("eager", h, a, alpha, weight)
-    for backend in NATIVE_CPU:
-        got = _run_gate(backend, h, a, alpha, weight)
-        for x, y in zip(got, expected):
-            torch.testing.assert_close(x, y, **TOL[dtype])
+def _gate_run(backend, h, gate_logits, alpha, weight):
+    out = fbkernels.context_gate(h, gate_logits, alpha, backend=backend)
+    return (out, *torch.autograd.grad((out.double() * weight).sum(), (h, gate_logits)))
 
 
-@needs_cpp
-def test_context_gate_non_contiguous_and_gradcheck():
-    h = torch.randn(2, 5, 7, 3, dtype=torch.float64).transpose(2, 3).requires_grad_()
-    a = torch.randn(5, 2, dtype=torch.float64).t().requires_grad_()
-    weight = torch.randn(2, 5, 3, 7, dtype=torch.float64)
-    for x, y in zip(_run_gate("cpp", h, a, 0.25, weight), _run_gate("eager", h, a, 0.25, weight)):
-        torch.testing.assert_close(x, y, **TOL[torch.float64])
-    assert torch.autograd.gradcheck(lambda h, a: fbkernels.context_gate(h, a, 0.25, backend="cpp"), (h, a))
+def _assert_gate_matches(backend, h, gate_logits, alpha, weight, dtype):
+    with nan_filled_allocations():
+        got = _gate_run(backend, h, gate_logits, alpha, weight)
+    exact = [t.detach().double().cpu().requires_grad_() for t in (h, gate_logits)]
+    expected = _gate_run("eager", *exact, alpha, weight.cpu())
+    positions = math.prod(h.shape[2:])
+    for name, a, b in zip(("out", "dL/dh", "dL/dgate_logits"), got, expected):
+        assert a.dtype == dtype, f"{name} has dtype {a.dtype}"
+        assert_close(name, a.cpu(), b, dtype, summed_over=positions if name == "dL/dgate_logits" else 1)
 
 
-def test_context_gate_eager_matches_formula():
-    h, a = _gate_inputs(2, 3, (4,), torch.float64)
-    expected = 0.4 * h + 0.6 * h * torch.sigmoid(a)[:, :, None]
-    torch.testing.assert_close(fbkernels.context_gate(h, a, 0.4, backend="eager"), expected)
-    assert torch.autograd.gradcheck(lambda h, a: fbkernels.context_gate(h, a, 0.4, backend="eager"), (h, a))
+@pytest.mark.parametrize("B,C,spatial,alpha", GATE_SHAPES)
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_context_gate_matches_reference(backend, device, dtype, B, C, spatial, alpha):
+    _skip_unsupported(backend, device, dtype, B * math.prod(spatial), gate_rows=B * C)
+    h, gate_logits = _gate_inputs(B, C, spatial, dtype, device)
+    weight = _randn(B, C, *spatial, dtype=F64, device=device)
+    _assert_gate_matches(backend, h, gate_logits, alpha, weight, dtype)
 
 
-@pytest.mark.parametrize("backend", REGISTERED_CPU)
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_context_gate_non_contiguous_inputs(backend, device, dtype):
+    h = _randn(2, 5, 7, 3, dtype=dtype, device=device).transpose(2, 3).requires_grad_()
+    gate_logits = _randn(5, 2, dtype=dtype, device=device).t().requires_grad_()
+    assert not (h.is_contiguous() or gate_logits.is_contiguous())
+    weight = _randn(2, 5, 3, 7, dtype=F64, device=device)
+    _assert_gate_matches(backend, h, gate_logits, 0.25, weight, dtype)
+
+
+@pytest.mark.parametrize("requires", ["h", "gate_logits"])
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_context_gate_backward_computes_only_the_requested_gradients(backend, device, dtype, requires, monkeypatch):
+    needs_grad = (requires == "h", requires == "gate_logits")
+    h, gate_logits = (t.detach().requires_grad_(needed)
+                      for t, needed in zip(_gate_inputs(2, 4, (3, 5), dtype, device), needs_grad))
+    owner = sys.modules["fbkernels.ops.context_gate"] if backend == "eager" else host_module(backend)
+    backward, received = owner.context_gate_backward, []
+
+    def recording_backward(*args):
+        received.append(tuple(args[4]) if len(args) > 4 else "no needs_grad argument")
+        return backward(*args)
+
+    monkeypatch.setattr(owner, "context_gate_backward", recording_backward)
+    fbkernels.context_gate(h, gate_logits, 0.3, backend=backend).double().square().sum().backward()
+    assert received == [needs_grad]
+    assert (h.grad is None) != needs_grad[0] and (gate_logits.grad is None) != needs_grad[1]
+
+
+# ---------------------------------------------------------------- gradcheck, opcheck, torch.compile
+
+def _gradcheck_options(backend):
+    # The interpreter is slow: fast_mode checks random projections of the Jacobian instead of every entry.
+    return dict(fast_mode=True) if backend == "triton" else {}
+
+
+@pytest.mark.parametrize("backend", ALL_CPU)
+def test_gradcheck_float64(backend):
+    h, f, decay = _feedback_inputs(2, 5, (3, 2), F64)
+    options = _gradcheck_options(backend)
+    assert torch.autograd.gradcheck(lambda *x: fbkernels.feedback_step(*x, 2, backend=backend), (h, f, decay),
+                                    **options)
+    assert torch.autograd.gradcheck(lambda *x: fbkernels.feedback_step(*x, 5, backend=backend)[1], (h, f, decay),
+                                    **options)
+    gate_h = _randn(3, 4, 2, dtype=F64, device="cpu").transpose(0, 2).requires_grad_()  # [2, 4, 3], strided
+    gate_logits = _randn(4, 2, dtype=F64, device="cpu").t().requires_grad_()
+    assert torch.autograd.gradcheck(lambda h, a: fbkernels.context_gate(h, a, 0.35, backend=backend),
+                                    (gate_h, gate_logits), **options)
+
+
+def test_eager_backend_supports_double_backward():
+    """Gradient penalties and Hessian-vector products: the eager backward is made of differentiable torch ops."""
+    h, f, decay = _feedback_inputs(2, 4, (3,), F64)
+    assert torch.autograd.gradgradcheck(lambda *x: fbkernels.feedback_step(*x, 2, backend="eager"), (h, f, decay))
+    gate_h, gate_logits = _gate_inputs(2, 3, (4,), F64)
+    assert torch.autograd.gradgradcheck(lambda h, a: fbkernels.context_gate(h, a, 0.3, backend="eager"),
+                                        (gate_h, gate_logits))
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_fused_backends_name_eager_for_double_backward(backend):
+    h, f, decay = _feedback_inputs(2, 4, (3,), F64)
+    h_next, v = fbkernels.feedback_step(h, f, decay, 2, backend=backend)
+    grad_f, = torch.autograd.grad(h_next.sum() + v.square().sum(), f, create_graph=True)
+    with pytest.raises(RuntimeError, match="backend='eager'"):
+        grad_f.square().sum().backward()
+    gate_h, gate_logits = _gate_inputs(2, 3, (4,), F64)
+    grad_h, = torch.autograd.grad(fbkernels.context_gate(gate_h, gate_logits, 0.3, backend=backend).square().sum(),
+                                  gate_h, create_graph=True)
+    with pytest.raises(RuntimeError, match="backend='eager'"):
+        grad_h.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ALL_CPU)
 def test_opcheck(backend):
-    h, f, decay = _feedback_inputs(2, 6, (3, 4), torch.float64)
+    h, f, decay = _feedback_inputs(2, 6, (3, 4), F64)
     opcheck(torch.ops.fbkernels.feedback_step.default, (h, f, decay, 2, backend))
     opcheck(torch.ops.fbkernels.feedback_step.default, (h[:0], f[:0], decay, 6, backend))
-    gh, ga = _gate_inputs(2, 6, (3, 4), torch.float64)
-    opcheck(torch.ops.fbkernels.context_gate.default, (gh, ga, 0.5, backend))
+    gate_h, gate_logits = _gate_inputs(2, 6, (3, 4), F64)
+    opcheck(torch.ops.fbkernels.context_gate.default, (gate_h, gate_logits, 0.5, backend))
+    grad_h, grad_v, v = torch.randn(2, 6, 3, 4, dtype=F64), torch.randn(2, 2, 3, 4, dtype=F64), torch.rand(2, 2, 3, 4,
+                                                                                                              dtype=F64)
+    for needs_grad in ([True, True, True], [False, True, False], [True, False, True]):
+        opcheck(torch.ops.fbkernels.feedback_step_backward.default,
+                (grad_h, grad_v, f.detach(), v, decay.detach(), 2, backend, needs_grad))
+    opcheck(torch.ops.fbkernels.feedback_step_backward.default,
+            (None, grad_v, f.detach(), v, decay.detach(), 2, backend, [True, True, True]))
+    for needs_grad in ([True, True], [False, True]):
+        opcheck(torch.ops.fbkernels.context_gate_backward.default,
+                (grad_h, gate_h.detach(), gate_logits.detach(), 0.5, backend, needs_grad))
 
 
-@pytest.mark.parametrize("backend", REGISTERED_CPU)
-def test_torch_compile_two_step_loop(backend):
-    torch._dynamo.reset()
-    h0, f, decay = _feedback_inputs(2, 6, (5, 4), torch.float64)
-    gate = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
-
-    def two_steps(h, f, decay, gate):
+def _two_steps(backend):
+    def run(h, f, decay, gate):
         for _ in range(2):
             h, v = fbkernels.feedback_step(h, f, decay, 2, backend=backend)
             h = fbkernels.context_gate(h, gate, 0.1, backend=backend)
         return (h * h).sum() + v.sum(dim=(2, 3)).pow(2).sum()
+    return run
 
-    compiled = torch.compile(two_steps, fullgraph=True)
+
+@pytest.mark.parametrize("backend", ALL_CPU)
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    h0, f, decay = _feedback_inputs(2, 6, (5, 4), F64)
+    gate = torch.randn(2, 6, dtype=F64, requires_grad=True)
+    run = _two_steps(backend)
+    compiled = torch.compile(run, fullgraph=True)
     inputs = (h0, f, decay, gate)
-    got, expected = compiled(*inputs), two_steps(*inputs)
+    got, expected = compiled(*inputs), run(*inputs)
     torch.testing.assert_close(got, expected)
     for a, b in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(expected, inputs)):
         torch.testing.assert_close(a, b)
 
 
+# ---------------------------------------------------------------- autocast
+
+@pytest.mark.parametrize("backend", ALL_CPU)
+def test_autocast_computes_in_the_state_dtype(backend):
+    """Under CPU bfloat16 autocast a float32 state stays float32: bfloat16 f, decay and gate logits are cast to it."""
+    h, f, decay = (t.detach() for t in _feedback_inputs(2, 6, (3, 4), F32))
+    f16, decay16 = (t.to(BF16).requires_grad_() for t in (f, decay))
+    h.requires_grad_()
+    with torch.autocast("cpu", dtype=BF16):
+        h_next, v = fbkernels.feedback_step(h, f16, decay16, 2, backend=backend)
+        raw_h_next, _ = torch.ops.fbkernels.feedback_step.default(h, f16, decay16, 2, backend)
+        gated = fbkernels.context_gate(h_next, torch.randn(2, 6, dtype=BF16), 0.2, backend=backend)
+    assert h_next.dtype == v.dtype == raw_h_next.dtype == gated.dtype == F32
+    expected_h_next, expected_v = _reference.feedback_step_forward(h, f16.float(), decay16.float(), 2)
+    torch.testing.assert_close(h_next, expected_h_next)
+    torch.testing.assert_close(v, expected_v)
+    torch.testing.assert_close(raw_h_next, expected_h_next)
+    gated.sum().backward()
+    assert f16.grad.dtype == decay16.grad.dtype == BF16 and h.grad.dtype == F32
+
+
+def test_autocast_keeps_a_low_precision_state_and_works_compiled():
+    h, f, decay = (t.detach() for t in _feedback_inputs(2, 6, (3, 4), F32))
+    with torch.autocast("cpu", dtype=BF16):
+        h_next, _ = fbkernels.feedback_step(h.to(BF16), f, decay, 2, backend="eager")
+    assert h_next.dtype == BF16
+
+    def step(h, f, decay):
+        with torch.autocast("cpu", dtype=BF16):
+            return fbkernels.feedback_step(h, f, decay, 2)[0]
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True)(h, f.to(BF16), decay.to(BF16))
+    assert got.dtype == F32
+    torch.testing.assert_close(got, step(h, f.to(BF16), decay.to(BF16)))
+
+
+# ---------------------------------------------------------------- decay_matrix
+
 def test_decay_matrix_math_and_gradients():
     d = 5
-    basis = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0].requires_grad_()
+    basis = torch.linalg.qr(torch.randn(d, d, dtype=F64))[0].requires_grad_()
     basis_inv = basis.detach().t().clone().requires_grad_()
-    rates = torch.rand(d, dtype=torch.float64).add(0.5).requires_grad_()
+    rates = torch.rand(d, dtype=F64).add(0.5).requires_grad_()
     m = fbkernels.decay_matrix(basis, basis_inv, rates, 2.0, 1.5)
     torch.testing.assert_close(m, basis @ torch.diag(torch.exp(-2.0 * rates / 1.5)) @ basis_inv)
     torch.testing.assert_close(fbkernels.decay_matrix(basis, basis_inv, rates, 0, 1.0), basis @ basis_inv)
-    shared = fbkernels.decay_matrix(basis, basis_inv, torch.tensor(1.0, dtype=torch.float64), 1.0, 1.0)
+    shared = fbkernels.decay_matrix(basis, basis_inv, torch.tensor(1.0, dtype=F64), 1.0, 1.0)
     torch.testing.assert_close(shared, math.exp(-1.0) * basis @ basis_inv)
+    tensor_time = fbkernels.decay_matrix(basis, basis_inv, rates, torch.tensor([2.0], dtype=F64), torch.tensor(1.5))
+    torch.testing.assert_close(tensor_time, m)
     assert torch.autograd.gradcheck(lambda p, q, r: fbkernels.decay_matrix(p, q, r, 3.0, 2.0), (basis, basis_inv, rates))
+
+
+@pytest.mark.parametrize("t,tau,name", [
+    (1.0, 0.0, "tau"), (1.0, -1.0, "tau"), (1.0, math.nan, "tau"), (1.0, math.inf, "tau"),
+    (math.nan, 1.0, "t"), (-1.0, 1.0, "t"), (math.inf, 1.0, "t"),
+    (1.0, torch.tensor(0.0), "tau"), (1.0, torch.tensor(-2.0), "tau"), (1.0, torch.tensor(math.nan), "tau"),
+    (torch.tensor(math.nan), 1.0, "t"), (torch.tensor(-1), 1.0, "t"), (torch.tensor([1.0, 2.0]), 1.0, "t"),
+])
+def test_decay_matrix_rejects_bad_time_values(t, tau, name):
+    eye = torch.eye(3)
+    with pytest.raises(ValueError, match=rf"^{name} must"):
+        fbkernels.decay_matrix(eye, eye, torch.ones(3), t, tau)
+
+
+def test_decay_matrix_checks_tensor_tau_inside_torch_compile():
+    eye = torch.eye(3)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda tau: fbkernels.decay_matrix(eye, eye, torch.ones(3), 1, tau), fullgraph=True)
+    torch.testing.assert_close(compiled(torch.tensor(2.0)), math.exp(-0.5) * eye)
+    with pytest.raises(RuntimeError, match="tau must be positive and finite"):
+        compiled(torch.tensor(0.0))
+
+
+# ---------------------------------------------------------------- backend choice and bad inputs
+
+def test_nan_filled_allocations_fill_with_nan():
+    with nan_filled_allocations():
+        made = (torch.empty(3), torch.empty_like(torch.ones(2)), torch.ones(1).new_empty(4))
+    assert all(t.isnan().all() for t in made)
+    assert not torch.empty(3, dtype=torch.int64).is_floating_point()
 
 
 def test_available_backends_and_selection(monkeypatch):
     assert fbkernels.available_backends("cpu")[0] == "eager"
-    h, f, decay = _feedback_inputs(1, 4, (3,), torch.float32, requires_grad=False)
+    h, f, decay = _feedback_inputs(1, 4, (3,), F32, requires_grad=False)
     monkeypatch.setenv("FBKERNELS_BACKEND", "eager")
-    torch.testing.assert_close(fbkernels.feedback_step(h, f, decay, 2)[0], _reference.feedback_step_forward(h, f, decay, 2)[0])
+    torch.testing.assert_close(fbkernels.feedback_step(h, f, decay, 2)[0],
+                               _reference.feedback_step_forward(h, f, decay, 2)[0])
     monkeypatch.setenv("FBKERNELS_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="backend"):
         fbkernels.feedback_step(h, f, decay, 2)
@@ -228,12 +451,22 @@ def test_available_backends_and_selection(monkeypatch):
     with pytest.raises(ValueError, match="cuda"):
         fbkernels.feedback_step(h, f, decay, 2, backend="cuda")
     # Half precision on CPU: the automatic choice falls back to eager instead of failing.
-    half = [t.to(torch.bfloat16) for t in (h, f, decay)]
+    half = [t.to(BF16) for t in (h, f, decay)]
     torch.testing.assert_close(fbkernels.feedback_step(*half, 2)[0].float(),
                                _reference.feedback_step_forward(h, f, decay, 2)[0], rtol=2e-2, atol=5e-2)
 
 
-@needs_cpp
+@pytest.mark.skipif("cpp" not in ALL_CPU, reason="fbkernels._C not built")
+def test_cpp_is_the_automatic_cpu_choice_and_rejects_half(monkeypatch):
+    monkeypatch.delenv("FBKERNELS_BACKEND", raising=False)
+    from fbkernels.backends import resolve_backend
+    assert resolve_backend(None, torch.device("cpu"), F32) == "cpp"
+    h, f, decay = (t.half() for t in _feedback_inputs(1, 4, (3,), F32, requires_grad=False))
+    with pytest.raises(TypeError, match="cpp"):
+        fbkernels.feedback_step(h, f, decay, 2, backend="cpp")
+
+
+@pytest.mark.skipif("cpp" not in ALL_CPU, reason="fbkernels._C not built")
 @pytest.mark.parametrize("prefer_avx2", [False, True])
 def test_both_cpu_builds_match_eager(prefer_avx2):
     """The portable module and the AVX2 one (where built and supported) compute the same op within rounding."""
@@ -263,16 +496,6 @@ def test_both_cpu_builds_match_eager(prefer_avx2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
-@needs_cpp
-def test_cpp_is_the_automatic_cpu_choice_and_rejects_half(monkeypatch):
-    monkeypatch.delenv("FBKERNELS_BACKEND", raising=False)
-    from fbkernels.backends import resolve_backend
-    assert resolve_backend(None, torch.device("cpu"), torch.float32) == "cpp"
-    h, f, decay = (t.half() for t in _feedback_inputs(1, 4, (3,), torch.float32, requires_grad=False))
-    with pytest.raises(TypeError, match="cpp"):
-        fbkernels.feedback_step(h, f, decay, 2, backend="cpp")
-
-
 def _bad_feedback_calls():
     h = torch.randn(2, 5, 3, 3)
     f = torch.randn(2, 5, 3, 3)
@@ -280,6 +503,7 @@ def _bad_feedback_calls():
     return [
         ((h, f[:, :4], m, 2), ValueError, "f"),
         ((h, f.double(), m, 2), TypeError, "f"),
+        ((h, f, m.double(), 2), TypeError, "decay"),
         ((h, f.to("meta"), m, 2), ValueError, "f"),
         ((h.long(), f.long(), m.long(), 2), TypeError, "h"),
         ((torch.randn(5), torch.randn(5), m, 2), ValueError, "h"),
@@ -327,5 +551,5 @@ def test_unknown_backend_and_bad_decay_matrix_inputs():
         fbkernels.decay_matrix(torch.randn(3, 2), eye, torch.ones(3), 1.0, 1.0)
     with pytest.raises(ValueError, match="rates"):
         fbkernels.decay_matrix(eye, eye, torch.ones(4), 1.0, 1.0)
-    with pytest.raises(ValueError, match="tau"):
-        fbkernels.decay_matrix(eye, eye, torch.ones(3), 1.0, 0.0)
+    with pytest.raises(TypeError, match="tau"):
+        fbkernels.decay_matrix(eye, eye, torch.ones(3), 1.0, "1")
