@@ -324,8 +324,9 @@ def test_opcheck(backend):
     for needs_grad in ([True, True, True], [False, True, False], [True, False, True]):
         opcheck(torch.ops.fbkernels.feedback_step_backward.default,
                 (grad_h, grad_v, f.detach(), v, decay.detach(), 2, backend, needs_grad))
-    opcheck(torch.ops.fbkernels.feedback_step_backward.default,
-            (None, grad_v, f.detach(), v, decay.detach(), 2, backend, [True, True, True]))
+    for only_grad_h, only_grad_v in ((grad_h, None), (None, grad_v)):
+        opcheck(torch.ops.fbkernels.feedback_step_backward.default,
+                (only_grad_h, only_grad_v, f.detach(), v, decay.detach(), 2, backend, [True, True, True]))
     for needs_grad in ([True, True], [False, True]):
         opcheck(torch.ops.fbkernels.context_gate_backward.default,
                 (grad_h, gate_h.detach(), gate_logits.detach(), 0.5, backend, needs_grad))
