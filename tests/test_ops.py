@@ -42,15 +42,20 @@ def _available_cases():
 
 
 CASES = _available_cases()
-FUSED_CPU = [b for b in fbkernels.available_backends("cpu") if b != "eager"]
+# The (backend, device) pairs of CASES, for the checks that run in float64 only.
+BACKEND_DEVICES = list({(c.values[0], c.values[1]): pytest.param(*c.values[:2], marks=c.marks, id=c.id.rsplit("-", 1)[0])
+                        for c in CASES}.values())
+FUSED_BACKEND_DEVICES = [p for p in BACKEND_DEVICES if p.values[0] != "eager"]
 ALL_CPU = fbkernels.available_backends("cpu")
-# Triton's interpreter runs every program in numpy: it gets the tables' small shapes only.
+# The shape tables' GPU-sized entries are skipped on CPU, and Triton's interpreter, which runs every program in numpy,
+# gets the small ones only.
+CPU_MAX_ELEMENTS = 1 << 20
 INTERPRETER_MAX_POSITIONS = 512
 INTERPRETER_MAX_GATE_ROWS = 32
 
 # (B, d, k, spatial): batch 0/1/3, d from 2 to 64 (below and above 16, where the half-precision Triton kernels switch
 # to tl.dot; odd and power-of-2), k = 1 and k = d, 0-D to 3-D spatial dims, 1x1 maps, odd sizes that leave partial
-# tiles, and one map large enough for several chunks of the CPU backward.
+# tiles, a map large enough for several chunks of the CPU backward, and the benchmark's size (GPU only).
 FEEDBACK_SHAPES = [
     (1, 2, 1, (5, 7)),
     (3, 2, 2, (1, 1)),
@@ -63,17 +68,24 @@ FEEDBACK_SHAPES = [
     (3, 64, 1, (4, 6)),
     (1, 64, 64, (1, 1, 1)),
     (2, 18, 2, (37, 41)),
+    (16, 18, 2, (512, 512)),
 ]
-# (B, C, spatial, alpha) of the context gate, with the same coverage and alpha at both ends and inside [0, 1].
+# (B, C, spatial, alpha) of the context gate, with the same coverage and alpha at both ends and inside [0, 1], plus
+# CBL-CNN-like maps: many channels on a few positions, and a batch of 128 (GPU only).
 GATE_SHAPES = [(1, 3, (5, 7), 0.0), (0, 4, (2, 2), 0.3), (2, 16, (), 1.0), (2, 7, (1, 1), 0.3), (3, 64, (9,), 0.0),
-               (2, 5, (2, 3, 4), 0.7), (2, 5, (11, 13), 1.0), (4, 8, (40, 33), 0.3)]
+               (2, 5, (2, 3, 4), 0.7), (2, 5, (11, 13), 1.0), (4, 8, (40, 33), 0.3), (2, 5, (257, 129), 0.0),
+               (4, 512, (4, 4), 1.0), (128, 64, (32, 32), 0.3)]
 
 
-def _skip_unsupported(backend, device, dtype, positions, d=0, gate_rows=0):
+def _skip_unsupported(backend, device, dtype, B, channels, positions, op="feedback_step"):
+    """Skip what a case cannot run: GPU-sized shapes on CPU, large ones and bfloat16 tl.dot in the interpreter."""
+    if device == "cpu" and B * channels * positions > CPU_MAX_ELEMENTS:
+        pytest.skip("a GPU-sized shape")
     if backend == "triton" and device == "cpu":
-        if positions > INTERPRETER_MAX_POSITIONS or gate_rows > INTERPRETER_MAX_GATE_ROWS:
+        gate_rows = B * channels if op == "context_gate" else 0
+        if B * positions > INTERPRETER_MAX_POSITIONS or gate_rows > INTERPRETER_MAX_GATE_ROWS:
             pytest.skip("too large for Triton's interpreter")
-        if dtype == BF16 and d >= 16:
+        if op == "feedback_step" and dtype == BF16 and channels >= 16:
             pytest.skip("Triton's interpreter multiplies raw bfloat16 bits in tl.dot (triton-lang/triton#11584)")
 
 
@@ -100,14 +112,14 @@ def _feedback_run(backend, inputs, k, weights, use=("h", "v")):
 
 
 def _feedback_expected(inputs, k, weights, use=("h", "v")):
-    exact = [t.detach().double().cpu().requires_grad_() for t in inputs]
-    return _feedback_run("eager", exact, k, [w.cpu() for w in weights], use)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    return _feedback_run("eager", exact, k, weights, use)
 
 
 def _assert_feedback_matches(got, expected, dtype, positions):
     for name, a, b in zip(("h_next", "v", "dL/dh", "dL/df", "dL/ddecay"), got, expected):
         assert a.dtype == dtype, f"{name} has dtype {a.dtype}"
-        assert_close(name, a.cpu(), b, dtype, summed_over=positions if name == "dL/ddecay" else 1)
+        assert_close(name, a, b, dtype, summed_over=positions if name == "dL/ddecay" else 1)
 
 
 # ---------------------------------------------------------------- feedback_step against the reference
@@ -116,7 +128,7 @@ def _assert_feedback_matches(got, expected, dtype, positions):
 @pytest.mark.parametrize("backend,device,dtype", CASES)
 def test_feedback_step_matches_reference(backend, device, dtype, B, d, k, spatial):
     positions = B * math.prod(spatial)
-    _skip_unsupported(backend, device, dtype, positions, d)
+    _skip_unsupported(backend, device, dtype, B, d, math.prod(spatial))
     inputs = _feedback_inputs(B, d, spatial, dtype, device)
     weights = (_randn(B, d, *spatial, dtype=F64, device=device), _randn(B, k, *spatial, dtype=F64, device=device))
     with nan_filled_allocations():
@@ -129,7 +141,7 @@ def test_feedback_step_matches_reference(backend, device, dtype, B, d, k, spatia
 @pytest.mark.parametrize("backend,device,dtype", CASES)
 def test_feedback_step_with_one_upstream_gradient(backend, device, dtype, use):
     """Only h_next or only v reaches the loss: the backward gets None for the other and must not read it."""
-    _skip_unsupported(backend, device, dtype, 2 * 20, d=6)
+    _skip_unsupported(backend, device, dtype, 2, 6, 20)
     inputs = _feedback_inputs(2, 6, (5, 4), dtype, device)
     weights = (_randn(2, 6, 5, 4, dtype=F64, device=device), _randn(2, 3, 5, 4, dtype=F64, device=device))
     with nan_filled_allocations():
@@ -139,7 +151,7 @@ def test_feedback_step_with_one_upstream_gradient(backend, device, dtype, use):
 
 @pytest.mark.parametrize("backend,device,dtype", CASES)
 def test_feedback_step_non_contiguous_inputs(backend, device, dtype):
-    _skip_unsupported(backend, device, dtype, 3 * 66, d=8)
+    _skip_unsupported(backend, device, dtype, 3, 8, 66)
     h = _randn(3, 8, 11, 6, dtype=dtype, device=device).transpose(2, 3)  # strided spatial dims
     f = _randn(3, 16, 6, 11, dtype=dtype, device=device)[:, ::2]  # every other channel
     decay = _randn(8, 8, dtype=dtype, device=device, scale=0.3).t()  # column-major
@@ -156,7 +168,7 @@ def test_feedback_step_non_contiguous_inputs(backend, device, dtype):
 def test_feedback_step_backward_computes_only_the_requested_gradients(backend, device, dtype, requires,
                                                                        monkeypatch):
     """The backward receives ctx.needs_input_grad as needs_grad (h(0) = 0 and a frozen decay need no gradient)."""
-    _skip_unsupported(backend, device, dtype, 2 * 12, d=5)
+    _skip_unsupported(backend, device, dtype, 2, 5, 12)
     names = ("h", "f", "decay")
     needs_grad = tuple(name in requires.split("+") for name in names)
     inputs = _feedback_inputs(2, 5, (3, 4), dtype, device, requires_grad=False)
@@ -174,19 +186,19 @@ def test_feedback_step_backward_computes_only_the_requested_gradients(backend, d
     h_next, v = fbkernels.feedback_step(*inputs, 2, backend=backend)
     (h_next.double().sum() + v.double().square().sum()).backward()
     assert received == [needs_grad]
-    exact = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    exact = [t.detach().double().requires_grad_() for t in inputs]
     h_ref, v_ref = fbkernels.feedback_step(*exact, 2, backend="eager")
     (h_ref.sum() + v_ref.square().sum()).backward()
     for name, t, ref, needed in zip(names, inputs, exact, needs_grad):
         if needed:
-            assert_close(f"dL/d{name}", t.grad.cpu(), ref.grad, dtype, summed_over=24 if name == "decay" else 1)
+            assert_close(f"dL/d{name}", t.grad, ref.grad, dtype, summed_over=24 if name == "decay" else 1)
         else:
             assert t.grad is None
 
 
 @pytest.mark.parametrize("backend,device,dtype", CASES)
 def test_feedback_step_nan_stays_at_its_position(backend, device, dtype):
-    _skip_unsupported(backend, device, dtype, 2 * 20, d=6)
+    _skip_unsupported(backend, device, dtype, 2, 6, 20)
     h, f, decay = _feedback_inputs(2, 6, (4, 5), dtype, device, requires_grad=False)
     f[1, 3, 2, 2] = float("nan")
     h[0, 0, 1, 1] = float("inf")
@@ -223,18 +235,18 @@ def _gate_run(backend, h, gate_logits, alpha, weight):
 def _assert_gate_matches(backend, h, gate_logits, alpha, weight, dtype):
     with nan_filled_allocations():
         got = _gate_run(backend, h, gate_logits, alpha, weight)
-    exact = [t.detach().double().cpu().requires_grad_() for t in (h, gate_logits)]
-    expected = _gate_run("eager", *exact, alpha, weight.cpu())
+    exact = [t.detach().double().requires_grad_() for t in (h, gate_logits)]
+    expected = _gate_run("eager", *exact, alpha, weight)
     positions = math.prod(h.shape[2:])
     for name, a, b in zip(("out", "dL/dh", "dL/dgate_logits"), got, expected):
         assert a.dtype == dtype, f"{name} has dtype {a.dtype}"
-        assert_close(name, a.cpu(), b, dtype, summed_over=positions if name == "dL/dgate_logits" else 1)
+        assert_close(name, a, b, dtype, summed_over=positions if name == "dL/dgate_logits" else 1)
 
 
 @pytest.mark.parametrize("B,C,spatial,alpha", GATE_SHAPES)
 @pytest.mark.parametrize("backend,device,dtype", CASES)
 def test_context_gate_matches_reference(backend, device, dtype, B, C, spatial, alpha):
-    _skip_unsupported(backend, device, dtype, B * math.prod(spatial), gate_rows=B * C)
+    _skip_unsupported(backend, device, dtype, B, C, math.prod(spatial), op="context_gate")
     h, gate_logits = _gate_inputs(B, C, spatial, dtype, device)
     weight = _randn(B, C, *spatial, dtype=F64, device=device)
     _assert_gate_matches(backend, h, gate_logits, alpha, weight, dtype)
@@ -270,21 +282,21 @@ def test_context_gate_backward_computes_only_the_requested_gradients(backend, de
 
 # ---------------------------------------------------------------- gradcheck, opcheck, torch.compile
 
-def _gradcheck_options(backend):
+def _gradcheck_options(backend, device):
     # The interpreter is slow: fast_mode checks random projections of the Jacobian instead of every entry.
-    return dict(fast_mode=True) if backend == "triton" else {}
+    return dict(fast_mode=True) if (backend, device) == ("triton", "cpu") else {}
 
 
-@pytest.mark.parametrize("backend", ALL_CPU)
-def test_gradcheck_float64(backend):
-    h, f, decay = _feedback_inputs(2, 5, (3, 2), F64)
-    options = _gradcheck_options(backend)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_gradcheck_float64(backend, device):
+    h, f, decay = _feedback_inputs(2, 5, (3, 2), F64, device)
+    options = _gradcheck_options(backend, device)
     assert torch.autograd.gradcheck(lambda *x: fbkernels.feedback_step(*x, 2, backend=backend), (h, f, decay),
                                     **options)
     assert torch.autograd.gradcheck(lambda *x: fbkernels.feedback_step(*x, 5, backend=backend)[1], (h, f, decay),
                                     **options)
-    gate_h = _randn(3, 4, 2, dtype=F64, device="cpu").transpose(0, 2).requires_grad_()  # [2, 4, 3], strided
-    gate_logits = _randn(4, 2, dtype=F64, device="cpu").t().requires_grad_()
+    gate_h = _randn(3, 4, 2, dtype=F64, device=device).transpose(0, 2).requires_grad_()  # [2, 4, 3], strided
+    gate_logits = _randn(4, 2, dtype=F64, device=device).t().requires_grad_()
     assert torch.autograd.gradcheck(lambda h, a: fbkernels.context_gate(h, a, 0.35, backend=backend),
                                     (gate_h, gate_logits), **options)
 
@@ -298,29 +310,29 @@ def test_eager_backend_supports_double_backward():
                                         (gate_h, gate_logits))
 
 
-@pytest.mark.parametrize("backend", FUSED_CPU)
-def test_fused_backends_name_eager_for_double_backward(backend):
-    h, f, decay = _feedback_inputs(2, 4, (3,), F64)
+@pytest.mark.parametrize("backend,device", FUSED_BACKEND_DEVICES)
+def test_fused_backends_name_eager_for_double_backward(backend, device):
+    h, f, decay = _feedback_inputs(2, 4, (3,), F64, device)
     h_next, v = fbkernels.feedback_step(h, f, decay, 2, backend=backend)
     grad_f, = torch.autograd.grad(h_next.sum() + v.square().sum(), f, create_graph=True)
     with pytest.raises(RuntimeError, match="backend='eager'"):
         grad_f.square().sum().backward()
-    gate_h, gate_logits = _gate_inputs(2, 3, (4,), F64)
+    gate_h, gate_logits = _gate_inputs(2, 3, (4,), F64, device)
     grad_h, = torch.autograd.grad(fbkernels.context_gate(gate_h, gate_logits, 0.3, backend=backend).square().sum(),
                                   gate_h, create_graph=True)
     with pytest.raises(RuntimeError, match="backend='eager'"):
         grad_h.sum().backward()
 
 
-@pytest.mark.parametrize("backend", ALL_CPU)
-def test_opcheck(backend):
-    h, f, decay = _feedback_inputs(2, 6, (3, 4), F64)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_opcheck(backend, device):
+    h, f, decay = _feedback_inputs(2, 6, (3, 4), F64, device)
     opcheck(torch.ops.fbkernels.feedback_step.default, (h, f, decay, 2, backend))
     opcheck(torch.ops.fbkernels.feedback_step.default, (h[:0], f[:0], decay, 6, backend))
-    gate_h, gate_logits = _gate_inputs(2, 6, (3, 4), F64)
+    gate_h, gate_logits = _gate_inputs(2, 6, (3, 4), F64, device)
     opcheck(torch.ops.fbkernels.context_gate.default, (gate_h, gate_logits, 0.5, backend))
-    grad_h, grad_v, v = torch.randn(2, 6, 3, 4, dtype=F64), torch.randn(2, 2, 3, 4, dtype=F64), torch.rand(2, 2, 3, 4,
-                                                                                                              dtype=F64)
+    grad_h, grad_v = _randn(2, 6, 3, 4, dtype=F64, device=device), _randn(2, 2, 3, 4, dtype=F64, device=device)
+    v = torch.softmax(_randn(2, 2, 3, 4, dtype=F64, device=device), dim=1)
     for needs_grad in ([True, True, True], [False, True, False], [True, False, True]):
         opcheck(torch.ops.fbkernels.feedback_step_backward.default,
                 (grad_h, grad_v, f.detach(), v, decay.detach(), 2, backend, needs_grad))
@@ -341,11 +353,11 @@ def _two_steps(backend):
     return run
 
 
-@pytest.mark.parametrize("backend", ALL_CPU)
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_torch_compile_fullgraph(backend, device):
     torch._dynamo.reset()
-    h0, f, decay = _feedback_inputs(2, 6, (5, 4), F64)
-    gate = torch.randn(2, 6, dtype=F64, requires_grad=True)
+    h0, f, decay = _feedback_inputs(2, 6, (5, 4), F64, device)
+    gate = _randn(2, 6, dtype=F64, device=device).requires_grad_()
     run = _two_steps(backend)
     compiled = torch.compile(run, fullgraph=True)
     inputs = (h0, f, decay, gate)
