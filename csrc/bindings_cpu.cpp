@@ -99,7 +99,8 @@ PYBIND11_MODULE(FBKERNELS_CPU_MODULE, m) {
   using namespace fbkernels;
   m.doc() = "fbkernels CPU kernels (feedback step, context gate) on raw pointers of contiguous tensors";
 
-  py::class_<FeedbackStepParams>(m, "FeedbackStepParams",
+  // module_local: _C and _C_avx2 both register these C++ types, and one process may import both.
+  py::class_<FeedbackStepParams>(m, "FeedbackStepParams", py::module_local(),
                                  "Arguments of one feedback_step kernel call: sizes, dtype code, thread count, data "
                                  "pointers (0 = absent) and which gradients to write.")
       .def(py::init<>())
@@ -122,7 +123,7 @@ PYBIND11_MODULE(FBKERNELS_CPU_MODULE, m) {
       .def_readwrite("need_grad_h", &FeedbackStepParams::need_grad_h)
       .def_readwrite("need_grad_f", &FeedbackStepParams::need_grad_f)
       .def_readwrite("need_grad_decay", &FeedbackStepParams::need_grad_decay);
-  py::class_<ContextGateParams>(m, "ContextGateParams",
+  py::class_<ContextGateParams>(m, "ContextGateParams", py::module_local(),
                                 "Arguments of one context_gate kernel call: sizes, alpha, dtype code, thread count, "
                                 "data pointers and which gradients to write.")
       .def(py::init<>())

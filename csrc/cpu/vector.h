@@ -111,7 +111,7 @@ inline vec_t<float> exp_nonpositive(vec_t<float> z) {
 // Whether outputs of `bytes` in total are written with non-temporal stores: past the size of a last-level cache,
 // a normal store first reads the line it overwrites (a third more traffic for a copy-like kernel), and the data
 // would be evicted before anyone reads it again.
-inline bool streaming_pays(int64_t bytes) { return bytes >= (int64_t{16} << 20); }
+inline bool streaming_pays(int64_t bytes) { return bytes >= (int64_t{4} << 20); }
 
 // dst[0:len] = src[0:len]; with `stream`, through non-temporal stores where the build supports them (src is a
 // 64-byte aligned scratch row or any readable row; dst any row).
