@@ -53,7 +53,15 @@ inline void store_vector(T* p, const vec_t<T>& v) {
 
 template <typename T>
 inline vec_t<T> broadcast(T value) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_set1_ps(value);
+  } else {
+    return _mm256_set1_pd(value);
+  }
+#else
   return vec_t<T>{} + value;
+#endif
 }
 
 // a * b + c, rounded once where the build has FMA (the _C_avx2 module), else twice.
