@@ -18,19 +18,27 @@ that exist beforehand are not counted; outputs, saved activations, temporaries a
     allocated bytes at the start.
 
 Peak bandwidth (``measure_peak_bandwidth``): a large copy ``dst.copy_(src)`` on the device (256 MiB on
-CPU, up to 1 GiB on GPU), timed like any pass; peak = (bytes read + bytes written) / median time.
+CPU, up to 1 GiB on GPU), repeated; peak = (bytes read + bytes written) / the fastest copy. The best of several
+copies is what the memory system can do when nothing else gets in the way, so bandwidth fractions compare across
+runs on a shared machine (a median would drift with the load).
+
+Outputs go to ``--out`` (default ``runs/bench/``, outside the committed files); a file is named for the script,
+the device and, for smoke runs, ``_smoke``, never for the date.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import glob
 import json
 import math
+import os
 import platform
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +46,7 @@ import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+DEFAULT_OUT = REPO_ROOT / "runs" / "bench"
 MIB = 1 << 20
 
 
@@ -196,6 +204,21 @@ TIMING_METHOD = {
 }
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences file descriptor 2 (the profiler's C++ side writes its status lines there) and Python warnings."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_bytes(fn, device: torch.device) -> int:
     """Peak bytes allocated during one call of ``fn`` above the allocated level when it starts (see module doc)."""
     if device.type == "cuda":
@@ -210,7 +233,7 @@ def peak_memory_bytes(fn, device: torch.device) -> int:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
         del result  # freeing the outputs inside the window keeps the event stream balanced; the peak is unaffected
     events = [e for e in prof.profiler.kineto_results.events()
@@ -223,17 +246,27 @@ def peak_memory_bytes(fn, device: torch.device) -> int:
     return int(peak)
 
 
-def measure_peak_bandwidth(device: torch.device, *, nbytes: int | None = None, budget_s: float = 1.0) -> tuple[float, int]:
-    """(GB/s, bytes copied) of a large device-local copy: (read + write bytes) / median time."""
+def measure_peak_bandwidth(device: torch.device, *, nbytes: int | None = None, budget_s: float = 1.0,
+                           min_copies: int = 8) -> tuple[float, int]:
+    """(GB/s, bytes moved per copy) of a large device-local copy: (read + write bytes) / the fastest of at least
+    ``min_copies`` copies (and about ``budget_s`` seconds of them), after one warm-up copy."""
     if nbytes is None:
         nbytes = 256 * MIB if device.type == "cpu" else min(1 << 30, available_memory_bytes(device) // 8)
     numel = nbytes // 4
     src = torch.ones(numel, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    timing = time_fn(lambda: dst.copy_(src), device, budget_s=budget_s, min_repeats=5, max_repeats=50)
+    dst.copy_(src)
+    synchronize(device)
+    best_s, copies, start = math.inf, 0, time.perf_counter()
+    while copies < min_copies or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best_s = min(best_s, time.perf_counter() - t0)
+        copies += 1
     moved = 2 * numel * 4
     del src, dst
-    return moved / (timing.median_ms * 1e-3) / 1e9, moved
+    return moved / best_s / 1e9, moved
 
 
 # ---------------------------------------------------------------- output
@@ -264,7 +297,7 @@ def run_argument_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: torch's default; recorded in the JSON)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result directory (default bench/results)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result directory (default runs/bench, outside the committed results)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -289,12 +322,9 @@ def run_and_write(args, script: str, run, report, plot) -> dict:
 
 
 def result_path(out_dir: Path, script: str, device: torch.device, *, smoke: bool = False) -> Path:
-    """<out>/<script>_<device slug>_<date>[_smoke].json: one file per script, device and day (a rerun replaces it).
-
-    Smoke runs get their own name so that they never replace a real run's figures.
-    """
-    stamp = _dt.date.today().isoformat()
-    return Path(out_dir) / f"{script}_{slug(device_name(device))}_{stamp}{'_smoke' if smoke else ''}.json"
+    """<out>/<script>_<device slug>[_smoke].json: one file per script and device (a rerun replaces it). Smoke runs
+    get their own name so that they never replace a real run's figures."""
+    return Path(out_dir) / f"{script}_{slug(device_name(device))}{'_smoke' if smoke else ''}.json"
 
 
 def write_json(payload: dict, path: Path) -> Path:
@@ -385,7 +415,8 @@ def _headline_section(payload: dict, title: str, columns: list[str], row) -> lis
 
 def update_readme_table(out_dir: Path) -> Path:
     """Rewrite <out_dir>/README_table.md from the newest step_throughput and train_step JSON of each device."""
-    sections = ["<!-- generated by bench/_common.py from the newest bench/results/*.json; do not edit by hand -->"]
+    sections = [f"<!-- generated by bench/_common.py from the newest result JSON in {Path(out_dir).name}/; "
+                "do not edit by hand -->"]
     throughput = _latest(out_dir, "step_throughput")
     training = _latest(out_dir, "train_step")
     for device in sorted(set(throughput) | set(training)):

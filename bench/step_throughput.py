@@ -3,6 +3,9 @@
     python bench/step_throughput.py                 # best device present; the quick sweep on CPU, full on GPU
     python bench/step_throughput.py --device cpu --full --providers eager,cpp --dtype float64 --out /tmp/res
 
+The run ends with a verdict, one line per op and pass: the fused backend against eager and against torch.compile
+at the op's key shape, and the fraction of the copy bandwidth it reaches at the op's largest shape.
+
 Providers (each only where it can run; see ``--providers``):
   eager    fbkernels.feedback_step / context_gate with backend="eager": the reference code of
            fbkernels/_reference.py that the tests check every backend against (its hand-written backward).
@@ -23,11 +26,12 @@ Achieved bandwidth = minimal bytes moved / median time, with itemsize s, N = H*W
   context_gate  fwd      reads h, gate_logits; writes out          (2*B*C*N + B*C) * s
   context_gate  fwd_bwd  fwd + reads grad_out, h, gate_logits; writes grad_h, grad_gate_logits
                          fwd + (3*B*C*N + 2*B*C) * s
-frac_peak = achieved / peak, the peak being a large same-device copy measured in the same run.
+frac_peak = achieved / peak, the peak being the fastest of several large same-device copies in the same run.
 Timing, memory and bandwidth methods: see bench/_common.py (also recorded in the JSON).
 Before timing, each provider's result is compared with eager's ("matches_eager" in the JSON).
 
-Outputs: a markdown table on stdout; <out>/step_throughput_<device>_<date>.json of the form
+Outputs: a markdown table and the verdict on stdout; <out>/step_throughput_<device>.json (--out, default
+runs/bench/, outside the committed results) of the form
 {"device", "torch", "peak_gbps", "results": [{"op", "provider", "dtype", "shape", "pass", "ms", "gbps",
 "frac_peak", "peak_mem_mib", ...}], "headline": [...], ...}; a PNG plot next to it; <out>/README_table.md.
 """
@@ -265,6 +269,7 @@ def run(args) -> dict:
         "notes": notes,
     })
     payload["headline"] = headline(rows, args.dtype)
+    payload["verdict"] = verdict(payload)
     payload["elapsed_s"] = time.perf_counter() - started
     return payload
 
@@ -416,10 +421,70 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _versus(other_ms, fused_ms, name: str) -> str:
+    speedup = other_ms / fused_ms
+    return f"{speedup:.2f}x faster than {name}" if speedup >= 1 else f"{1 / speedup:.2f}x slower than {name}"
+
+
+def verdict(payload: dict) -> list[str]:
+    """One line per op, pass and fused provider: against eager and torch.compile at the key shape (feedback_step:
+    the Feedback U-Net state 8x18x128x128; context_gate: the CBL-CNN map where it does worst against
+    torch.compile), peak memory against eager (fwd_bwd), and the fraction of the copy bandwidth at the largest
+    shape measured."""
+    rows = payload["results"]
+
+    def find(op, shape, provider, pass_name):
+        return next((r for r in rows if r["op"] == op and tuple(r["shape"]) == tuple(shape)
+                     and r["provider"] == provider and r["pass"] == pass_name), None)
+
+    lines = []
+    fused = [p for p in ("cpp", "cuda", "triton") if p in payload["providers"]]
+    for op in ("feedback_step", "context_gate"):
+        cases = [r for r in rows if r["op"] == op and r["provider"] in fused]
+        if not cases:
+            continue
+        largest = max(cases, key=lambda r: (math.prod(r["shape"]), r["sweep"] == "size"))["shape"]
+        for pass_name in PASSES:
+            for provider in fused:
+                shapes = sorted({tuple(r["shape"]) for r in cases if r["provider"] == provider
+                                 and r["pass"] == pass_name}, key=math.prod)
+                if not shapes:
+                    continue
+                if op == "feedback_step":
+                    key = HEADLINE_SHAPES[0] if HEADLINE_SHAPES[0] in shapes else shapes[-1]
+                    where = common.shape_str(key)
+                else:
+                    def vs_compile(shape):
+                        compiled = find(op, shape, "compile", pass_name)
+                        own = find(op, shape, provider, pass_name)
+                        return math.inf if compiled is None else compiled["ms"] / own["ms"]
+
+                    key = min(shapes, key=vs_compile)
+                    where = f"{common.shape_str(key)} (worst of {len(shapes)} CBL-CNN maps against torch.compile)"
+                own = find(op, key, provider, pass_name)
+                parts = [f"{op} {pass_name} at {where}: {provider} {own['ms']:.3g} ms"]
+                for other, name in (("eager", "eager"), ("compile", "torch.compile")):
+                    reference = find(op, key, other, pass_name)
+                    if reference is not None:
+                        parts.append(_versus(reference["ms"], own["ms"], name))
+                eager = find(op, key, "eager", pass_name)
+                if pass_name == "fwd_bwd" and eager is not None and eager["peak_mem_mib"]:
+                    parts.append(f"peak memory {own['peak_mem_mib'] / eager['peak_mem_mib']:.2f}x eager's")
+                big = find(op, largest, provider, pass_name)
+                if big is not None:
+                    parts.append(f"{100 * big['frac_peak']:.0f}% of copy bandwidth at {common.shape_str(largest)}")
+                lines.append(parts[0] + ", " + ", ".join(parts[1:]))
+    return lines
+
+
 def report(payload) -> None:
     print_table(payload)
     print()
     print_headline(payload)
+    print(f"\nVerdict ({payload['device']}, {payload['dtype']}, copy bandwidth {payload['peak_gbps']:.1f} GB/s; "
+          "ratios of medians timed interleaved in this run):")
+    for line in payload["verdict"]:
+        print(f"  {line}")
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
-// Shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) cores: the dtype codes Python passes with every call, and the
-// argument checks. Errors are C++ exceptions (pybind11 turns std::invalid_argument into ValueError and
-// std::runtime_error into RuntimeError); the cores never exit or abort the interpreter.
+// The Python/C++ contract of the CPU core: dtype codes, one parameter struct per op, and the argument checks.
+// Errors are C++ exceptions (pybind11 turns std::invalid_argument into ValueError and std::runtime_error into
+// RuntimeError); the core never exits or aborts the interpreter.
 #pragma once
 
 #include <cstdint>
@@ -11,7 +11,7 @@
 
 namespace fbkernels {
 
-// Dtype codes sent by fbkernels/_cpp.py and fbkernels/_cuda.py. The values are part of the Python/C++ contract.
+// Dtype codes sent by fbkernels/_cpp.py.
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 inline const char* dtype_name(int64_t code) {
@@ -61,5 +61,33 @@ inline void check_context_gate_sizes(const char* op, int64_t B, int64_t C, int64
   check_argument(B >= 0 && C >= 0 && N >= 0, op, ": B, C and N must be >= 0, got B=", B, ", C=", C, ", N=", N);
   check_argument(alpha >= 0.0 && alpha <= 1.0, op, ": alpha must be in [0, 1], got ", alpha);  // false for NaN
 }
+
+// Everything one call of a feedback_step kernel needs, forward or backward (pointers are data_ptr()s of contiguous
+// tensors of `dtype`, 0 where a tensor is absent or not wanted). Sizes: h, f, h_next, grad_*: [B, d, N];
+// v, grad_v: [B, k, N]; decay, grad_decay: [d, d] row-major.
+struct FeedbackStepParams {
+  int64_t B = 0, d = 0, N = 0, k = 0;
+  int64_t dtype = kFloat32;
+  int64_t num_threads = 1;  // CPU: team size for the parallel loops (fbkernels passes torch.get_num_threads())
+  uintptr_t h = 0, f = 0, decay = 0;
+  uintptr_t h_next = 0, v = 0;                    // forward outputs; v is also a backward input
+  uintptr_t grad_h_next = 0, grad_v = 0;          // backward inputs; 0 means the gradient is zero
+  uintptr_t grad_h = 0, grad_f = 0, grad_decay = 0;  // backward outputs, written only where need_* is set
+  bool need_grad_h = true, need_grad_f = true, need_grad_decay = true;
+};
+
+// Everything one call of a context_gate kernel needs (same conventions). h, out, grad_out, grad_h: [B, C, N];
+// gate_logits, grad_gate_logits: [B, C].
+struct ContextGateParams {
+  int64_t B = 0, C = 0, N = 0;
+  double alpha = 0.0;
+  int64_t dtype = kFloat32;
+  int64_t num_threads = 1;
+  uintptr_t h = 0, gate_logits = 0;
+  uintptr_t out = 0;                             // forward output
+  uintptr_t grad_out = 0;                        // backward input
+  uintptr_t grad_h = 0, grad_gate_logits = 0;    // backward outputs, written only where need_* is set
+  bool need_grad_h = true, need_grad_gate_logits = true;
+};
 
 }  // namespace fbkernels

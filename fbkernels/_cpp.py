@@ -1,10 +1,14 @@
 """Host side of the "cpp" backend: allocates outputs with torch and calls the C++ kernels (fbkernels._C_avx2 or _C).
 
 All functions take the canonical layout of fbkernels.ops: contiguous [B, d, N] tensors of one dtype on the CPU.
+Each call fills one parameter struct (pointers, sizes, dtype code, thread count, which gradients to write) and
+calls one compiled entry per op and pass. The kernels run on PyTorch's own OpenMP thread pool, with
+``torch.get_num_threads()`` threads; their results do not depend on the thread count.
 """
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 
@@ -22,62 +26,95 @@ def load_kernels(prefer_avx2: bool | None = None):
     return importlib.import_module("fbkernels._C")
 
 
+def loaded_openmp_runtimes() -> list[str]:
+    """Paths of the OpenMP runtimes (libgomp, libomp, libiomp) mapped into this process (Linux; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6}
+    except OSError:
+        return []
+    names = ("libgomp", "libomp", "libiomp")
+    return sorted(path for path in paths if any(path.rsplit("/", 1)[-1].startswith(name) for name in names))
+
+
 _C = load_kernels()
 
+if len(loaded_openmp_runtimes()) > 1:
+    # PyTorch's runtime under another soname (some wheels ship a hashed libgomp-<hash>.so.1): the kernels got a
+    # second runtime whose worker threads compete with PyTorch's.
+    warnings.warn(
+        "fbkernels: more than one OpenMP runtime is loaded (" + ", ".join(loaded_openmp_runtimes()) + "); the cpp "
+        "kernels' threads compete with PyTorch's. Setting OMP_WAIT_POLICY=passive limits the cost.",
+        RuntimeWarning, stacklevel=2,
+    )
+
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
-
-
-def _num_threads() -> int:
-    return max(1, torch.get_num_threads())
 
 
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _feedback_step_params(like: torch.Tensor, num_feedback: int, **pointers):
+    B, d, N = like.shape
+    params = _C.FeedbackStepParams()
+    params.B, params.d, params.N, params.k = B, d, N, num_feedback
+    params.dtype = _DTYPE_CODES[like.dtype]
+    params.num_threads = max(1, torch.get_num_threads())
+    for name, value in pointers.items():
+        setattr(params, name, value)
+    return params
+
+
+def _context_gate_params(like: torch.Tensor, alpha: float, **pointers):
+    B, C, N = like.shape
+    params = _C.ContextGateParams()
+    params.B, params.C, params.N, params.alpha = B, C, N, float(alpha)
+    params.dtype = _DTYPE_CODES[like.dtype]
+    params.num_threads = max(1, torch.get_num_threads())
+    for name, value in pointers.items():
+        setattr(params, name, value)
+    return params
+
+
 def feedback_step_forward(h, f, decay, num_feedback):
     B, d, N = h.shape
     h_next = torch.empty_like(h)
     v = torch.empty((B, num_feedback, N), dtype=h.dtype, device=h.device)
-    _C.feedback_step_forward(
-        h.data_ptr(), f.data_ptr(), decay.data_ptr(), h_next.data_ptr(), v.data_ptr(),
-        B, d, N, num_feedback, _DTYPE_CODES[h.dtype], _num_threads(),
-    )
+    _C.feedback_step_forward(_feedback_step_params(
+        h, num_feedback, h=h.data_ptr(), f=f.data_ptr(), decay=decay.data_ptr(), h_next=h_next.data_ptr(),
+        v=v.data_ptr()))
     return h_next, v
 
 
 def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback, needs_grad=(True, True, True)):
-    # needs_grad is honoured only by dropping results here: the kernels still compute every gradient.
-    B, d, N = f.shape
-    grad_h_in = torch.empty_like(f)
-    grad_f = torch.empty_like(f)
-    grad_decay = torch.empty_like(decay)
-    partials = torch.empty((_C.feedback_step_num_partials(B, N), d, d), dtype=f.dtype)
-    _C.feedback_step_backward(
-        _ptr(grad_h), _ptr(grad_v), f.data_ptr(), v.data_ptr(), decay.data_ptr(),
-        grad_h_in.data_ptr(), grad_f.data_ptr(), grad_decay.data_ptr(), partials.data_ptr(),
-        B, d, N, num_feedback, _DTYPE_CODES[f.dtype], _num_threads(),
-    )
-    return tuple(grad if needed else None for grad, needed in zip((grad_h_in, grad_f, grad_decay), needs_grad))
+    """(grad of h, grad of f, grad of decay), each None where needs_grad says it is not wanted. grad_h / grad_v
+    (the gradients of h_next and v) may be None, meaning zero."""
+    need_h, need_f, need_decay = (bool(flag) for flag in needs_grad)
+    grad_h_in = torch.empty_like(f) if need_h else None
+    grad_f = torch.empty_like(f) if need_f else None
+    grad_decay = torch.empty_like(decay) if need_decay else None
+    _C.feedback_step_backward(_feedback_step_params(
+        f, num_feedback, f=f.data_ptr(), v=v.data_ptr(), decay=decay.data_ptr(), grad_h_next=_ptr(grad_h),
+        grad_v=_ptr(grad_v), grad_h=_ptr(grad_h_in), grad_f=_ptr(grad_f), grad_decay=_ptr(grad_decay),
+        need_grad_h=need_h, need_grad_f=need_f, need_grad_decay=need_decay))
+    return grad_h_in, grad_f, grad_decay
 
 
 def context_gate_forward(h, gate_logits, alpha):
-    B, C, N = h.shape
     out = torch.empty_like(h)
-    _C.context_gate_forward(
-        h.data_ptr(), gate_logits.data_ptr(), out.data_ptr(), B, C, N, float(alpha),
-        _DTYPE_CODES[h.dtype], _num_threads(),
-    )
+    _C.context_gate_forward(_context_gate_params(
+        h, alpha, h=h.data_ptr(), gate_logits=gate_logits.data_ptr(), out=out.data_ptr()))
     return out
 
 
 def context_gate_backward(grad_out, h, gate_logits, alpha, needs_grad=(True, True)):
-    # needs_grad is honoured only by dropping results here: the kernel still computes both gradients.
-    B, C, N = h.shape
-    grad_h = torch.empty_like(h)
-    grad_gate_logits = torch.empty_like(gate_logits)
-    _C.context_gate_backward(
-        grad_out.data_ptr(), h.data_ptr(), gate_logits.data_ptr(), grad_h.data_ptr(), grad_gate_logits.data_ptr(),
-        B, C, N, float(alpha), _DTYPE_CODES[h.dtype], _num_threads(),
-    )
-    return tuple(grad if needed else None for grad, needed in zip((grad_h, grad_gate_logits), needs_grad))
+    """(grad of h, grad of gate_logits), each None where needs_grad says it is not wanted."""
+    need_h, need_gate = (bool(flag) for flag in needs_grad)
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_gate_logits = torch.empty_like(gate_logits) if need_gate else None
+    _C.context_gate_backward(_context_gate_params(
+        h, alpha, grad_out=grad_out.data_ptr(), h=h.data_ptr(), gate_logits=gate_logits.data_ptr(),
+        grad_h=_ptr(grad_h), grad_gate_logits=_ptr(grad_gate_logits), need_grad_h=need_h,
+        need_grad_gate_logits=need_gate))
+    return grad_h, grad_gate_logits

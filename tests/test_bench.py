@@ -146,3 +146,29 @@ def test_train_step_smoke(tmp_path):
     for row in payload["results"]:
         assert row["pass"] == "train_step" and row["gbps"] is None
         assert row["peak_mem_mib"] > 0  # gradients alone are allocated afresh every step
+
+
+def test_default_output_is_outside_the_committed_results():
+    common = _bench_module("_common")
+    assert common.DEFAULT_OUT == REPO / "runs" / "bench"
+    path = common.result_path(common.DEFAULT_OUT, "step_throughput", torch.device("cpu"))
+    assert path.name == f"step_throughput_{common.slug(common.device_name(torch.device('cpu')))}.json"
+    assert common.result_path(common.DEFAULT_OUT, "step_throughput", torch.device("cpu"), smoke=True).name.endswith(
+        "_smoke.json")
+
+
+def test_verdict_writes_slower_out():
+    step = _bench_module("step_throughput")
+    rows = []
+    for op, shape in (("feedback_step", [8, 18, 128, 128]), ("context_gate", [128, 64, 16, 16])):
+        for pass_name in ("fwd", "fwd_bwd"):
+            for provider, ms in (("eager", 4.0), ("compile", 1.0), ("cpp", 2.0)):
+                rows.append({"op": op, "shape": shape, "pass": pass_name, "provider": provider, "ms": ms,
+                             "peak_mem_mib": 10.0 if provider == "eager" else 5.0, "frac_peak": 0.25,
+                             "sweep": "size"})
+    lines = step.verdict({"results": rows, "providers": ["eager", "compile", "cpp"]})
+    assert len(lines) == 4
+    for line in lines:
+        assert "2.00x faster than eager" in line and "2.00x slower than torch.compile" in line
+        assert "25% of copy bandwidth" in line
+    assert sum("peak memory 0.50x eager's" in line for line in lines) == 2

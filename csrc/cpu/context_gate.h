@@ -1,4 +1,4 @@
-// Fused CPU kernels of the CBL context gate (DESIGN.md section 1.2), plain templated C++ (no torch, no Python).
+// Fused CPU kernels of the CBL context gate, plain C++ templated on the dtype (no torch, no Python).
 //
 // Layout: h, out, grad_out, grad_h: [B, C, N] contiguous; gate_logits, grad_gate_logits: [B, C]; alpha in [0, 1].
 //   forward:  s = sigmoid(a[b,c]);  out = alpha * h + (1 - alpha) * h * s  (computed as h * (alpha + (1 - alpha) s))
@@ -12,81 +12,101 @@
 
 #include "common.h"
 #include "cpu/parallel.h"
+#include "cpu/vector.h"
 
 namespace fbkernels {
 namespace cpu {
 
 namespace detail {
 
-// Elements per task (rows are grouped until they reach it): below this, threads cost more than they save.
+// Elements per task (rows are grouped until they reach it): below this, waking a second thread costs more than it
+// saves.
 constexpr int64_t kGateElementsPerTask = 1 << 15;
 
 // Overflow-free logistic function: exp of a non-positive number only.
-template <typename acc_t>
-inline acc_t stable_sigmoid(acc_t a) {
-  if (a >= acc_t(0)) return acc_t(1) / (acc_t(1) + std::exp(-a));
-  const acc_t e = std::exp(a);  // also reached by NaN, which propagates
-  return e / (acc_t(1) + e);
+template <typename T>
+inline T stable_sigmoid(T a) {
+  if (a >= T(0)) return T(1) / (T(1) + std::exp(-a));
+  const T e = std::exp(a);  // also reached by NaN, which propagates
+  return e / (T(1) + e);
 }
 
-// Runs row_fn(row) for every row in [0, rows), grouped into tasks of about kGateElementsPerTask elements.
+// Runs row_fn(row) for every row in [0, rows), in tasks of about kGateElementsPerTask elements; returns the number
+// of threads that ran it.
 template <typename RowFn>
-void for_each_row(int64_t rows, int64_t row_length, int64_t num_threads, const RowFn& row_fn) {
+int64_t for_each_row(int64_t rows, int64_t row_length, int64_t num_threads, bool stream, const RowFn& row_fn) {
   const int64_t rows_per_task = std::max<int64_t>(1, kGateElementsPerTask / std::max<int64_t>(1, row_length));
   const int64_t num_tasks = (rows + rows_per_task - 1) / rows_per_task;
-  parallel_for(num_tasks, num_threads, [&](int64_t task) {
+  return parallel_for(num_tasks, num_threads, [&](int64_t task) {
     const int64_t end = std::min(rows, (task + 1) * rows_per_task);
     for (int64_t row = task * rows_per_task; row < end; ++row) row_fn(row);
+    finish_streaming(stream);
   });
+}
+
+// h * scale into out[0:len], through non-temporal stores with `stream` (see write_row).
+template <typename T>
+inline void scale_row(T* __restrict out, const T* __restrict h, T scale, int64_t len, bool stream) {
+  constexpr int64_t kPiece = 256;  // scaled in a stack buffer, then written like a scratch row
+  alignas(64) T piece[kPiece];
+  for (int64_t n0 = 0; n0 < len; n0 += kPiece) {
+    const int64_t count = std::min(kPiece, len - n0);
+    for (int64_t n = 0; n < count; ++n) piece[n] = h[n0 + n] * scale;
+    write_row(out + n0, piece, count, stream);
+  }
 }
 
 }  // namespace detail
 
-template <typename scalar_t, typename acc_t>
-void context_gate_forward(const scalar_t* h, const scalar_t* gate_logits, scalar_t* out, int64_t B, int64_t C,
-                          int64_t N, double alpha, int64_t num_threads) {
-  check_context_gate_sizes("context_gate_forward", B, C, N, alpha);
-  const acc_t blend = static_cast<acc_t>(alpha);
-  detail::for_each_row(B * C, N, num_threads, [&](int64_t row) {
-    const acc_t gate = detail::stable_sigmoid(static_cast<acc_t>(gate_logits[row]));
-    const acc_t scale = blend + (acc_t(1) - blend) * gate;
-    const scalar_t* __restrict h_row = h + row * N;
-    scalar_t* __restrict out_row = out + row * N;
-    for (int64_t n = 0; n < N; ++n) out_row[n] = static_cast<scalar_t>(static_cast<acc_t>(h_row[n]) * scale);
+// out = h * (alpha + (1 - alpha) * sigmoid(gate_logits)) per row. Returns the number of threads that ran it.
+template <typename T>
+int64_t context_gate_forward(const ContextGateParams& p) {
+  const T* h = reinterpret_cast<const T*>(p.h);
+  const T* gate_logits = reinterpret_cast<const T*>(p.gate_logits);
+  T* out = reinterpret_cast<T*>(p.out);
+  const int64_t N = p.N;
+  const T blend = static_cast<T>(p.alpha);
+  const bool stream = streaming_pays(p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
+  return detail::for_each_row(p.B * p.C, N, p.num_threads, stream, [&](int64_t row) {
+    const T gate = detail::stable_sigmoid(gate_logits[row]);
+    const T scale = blend + (T(1) - blend) * gate;
+    detail::scale_row(out + row * N, h + row * N, scale, N, stream);
   });
 }
 
-template <typename scalar_t, typename acc_t>
-void context_gate_backward(const scalar_t* grad_out, const scalar_t* h, const scalar_t* gate_logits, scalar_t* grad_h,
-                           scalar_t* grad_gate_logits, int64_t B, int64_t C, int64_t N, double alpha,
-                           int64_t num_threads) {
-  check_context_gate_sizes("context_gate_backward", B, C, N, alpha);
-  constexpr int64_t W = static_cast<int64_t>(64 / sizeof(acc_t));
-  const acc_t blend = static_cast<acc_t>(alpha);
-  detail::for_each_row(B * C, N, num_threads, [&](int64_t row) {
-    const acc_t gate = detail::stable_sigmoid(static_cast<acc_t>(gate_logits[row]));
-    const acc_t scale = blend + (acc_t(1) - blend) * gate;
-    const scalar_t* __restrict g_row = grad_out + row * N;
-    const scalar_t* __restrict h_row = h + row * N;
-    scalar_t* __restrict grad_h_row = grad_h + row * N;
-    // sum_n g * h in W lanes (vectorises without reassociation), reduced in a fixed order.
-    acc_t lanes[W] = {};
-    const int64_t whole = N / W * W;
-    for (int64_t t = 0; t < whole; t += W) {
-      for (int64_t l = 0; l < W; ++l) {
-        const acc_t g = static_cast<acc_t>(g_row[t + l]);
-        lanes[l] += g * static_cast<acc_t>(h_row[t + l]);
-        grad_h_row[t + l] = static_cast<scalar_t>(g * scale);
-      }
+// Backward of context_gate_forward: writes grad_h and grad_gate_logits where p.need_* is set. Returns the number of
+// threads that ran it.
+template <typename T>
+int64_t context_gate_backward(const ContextGateParams& p) {
+  const T* grad_out = reinterpret_cast<const T*>(p.grad_out);
+  const T* h = reinterpret_cast<const T*>(p.h);
+  const T* gate_logits = reinterpret_cast<const T*>(p.gate_logits);
+  T* grad_h = reinterpret_cast<T*>(p.grad_h);
+  T* grad_gate_logits = reinterpret_cast<T*>(p.grad_gate_logits);
+  const int64_t N = p.N;
+  if (!p.need_grad_h && !p.need_grad_gate_logits) return 1;
+  constexpr int64_t W = kTileWidth<T>;
+  const T blend = static_cast<T>(p.alpha);
+  const bool stream = p.need_grad_h && streaming_pays(p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
+  return detail::for_each_row(p.B * p.C, N, p.num_threads, stream, [&](int64_t row) {
+    const T gate = detail::stable_sigmoid(gate_logits[row]);
+    const T* __restrict g_row = grad_out + row * N;
+    if (p.need_grad_h) {
+      const T scale = blend + (T(1) - blend) * gate;
+      detail::scale_row(grad_h + row * N, g_row, scale, N, stream);
     }
-    for (int64_t n = whole; n < N; ++n) {
-      const acc_t g = static_cast<acc_t>(g_row[n]);
-      lanes[n - whole] += g * static_cast<acc_t>(h_row[n]);
-      grad_h_row[n] = static_cast<scalar_t>(g * scale);
+    if (p.need_grad_gate_logits) {
+      // sum_n g * h in W lanes (vectorises without reassociation), reduced in a fixed order.
+      const T* __restrict h_row = h + row * N;
+      T lanes[W] = {};
+      const int64_t whole = N / W * W;
+      for (int64_t t = 0; t < whole; t += W)
+        for (int64_t l = 0; l < W; ++l) lanes[l] += g_row[t + l] * h_row[t + l];
+      for (int64_t n = whole; n < N; ++n) lanes[n - whole] += g_row[n] * h_row[n];
+      for (int64_t width = W / 2; width > 0; width /= 2)
+        for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+      grad_gate_logits[row] = (T(1) - blend) * gate * (T(1) - gate) * lanes[0];
     }
-    for (int64_t width = W / 2; width > 0; width /= 2)
-      for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-    grad_gate_logits[row] = static_cast<scalar_t>((acc_t(1) - blend) * gate * (acc_t(1) - gate) * lanes[0]);
   });
 }
 

@@ -1,64 +1,90 @@
-// A minimal std::thread parallel_for for the CPU kernels. No OpenMP on purpose: PyTorch ships its own OpenMP
-// runtime, and a second one in the same process oversubscribes the cores.
+// Parallel loops of the CPU kernels, on the OpenMP runtime that PyTorch itself loads.
+//
+// The modules are built with -fopenmp and need libgomp.so.1. PyTorch's CPU wheels ship their OpenMP runtime with
+// that same soname and are always imported first (fbkernels imports torch before its compiled modules), so the
+// dynamic loader binds the modules to the runtime already in the process: one runtime, one pool of worker threads.
+// The threads that run PyTorch's own parallel regions run these loops too, and no thread is created per call.
+// Only GOMP_parallel and the omp_get_* queries are used (GOMP_4.0 and OMP_1.0 symbol versions), which every
+// libgomp PyTorch has shipped provides.
 #pragma once
 
-#include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
-#include <mutex>
-#include <thread>
-#include <vector>
+#include <memory>
+#include <new>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace fbkernels {
 namespace cpu {
 
-// Runs body(task) for every task in [0, num_tasks) on up to num_threads threads, the calling thread included
-// (num_threads <= 1 or a single task: everything runs inline, no thread is created). Tasks are claimed from a shared
-// counter, so a descheduled thread does not hold the others back; which thread runs a task is therefore arbitrary,
-// and bodies must write only to per-task outputs (every kernel here does, which keeps results thread-count
-// independent). The first exception thrown by a body stops further tasks and is rethrown here after all joins.
+// Runs body(task) for every task in [0, num_tasks) on a team of up to num_threads threads (the caller passes
+// torch.get_num_threads()) and returns the team's size (1 when it ran inline). Tasks are claimed from a shared
+// counter, so a thread descheduled by other load on the machine does not hold the others back; which thread runs
+// a task is therefore arbitrary, and bodies write only per-task outputs, which keeps every result independent of
+// the thread count. The first exception thrown by a body stops further tasks and is rethrown here.
 template <typename Body>
-void parallel_for(int64_t num_tasks, int64_t num_threads, const Body& body) {
-  if (num_tasks <= 0) return;
-  const int64_t workers = std::max<int64_t>(1, std::min(num_threads, num_tasks));
-  if (workers == 1) {
-    for (int64_t task = 0; task < num_tasks; ++task) body(task);
-    return;
-  }
-  std::atomic<int64_t> next_task{0};
-  std::atomic<bool> failed{false};
-  std::exception_ptr first_error;
-  std::mutex error_mutex;
-  auto work = [&]() {
-    try {
-      while (!failed.load(std::memory_order_relaxed)) {
-        const int64_t task = next_task.fetch_add(1, std::memory_order_relaxed);
-        if (task >= num_tasks) return;
-        body(task);
+int64_t parallel_for(int64_t num_tasks, int64_t num_threads, const Body& body) {
+  if (num_tasks <= 0) return 1;
+  const int64_t team = num_threads < num_tasks ? num_threads : num_tasks;
+#if defined(_OPENMP)
+  if (team > 1) {
+    std::atomic<int64_t> next_task{0};
+    std::atomic<bool> failed{false};
+    std::exception_ptr first_error;
+    int64_t team_size = 1;
+#pragma omp parallel num_threads(static_cast<int>(team))
+    {
+      if (omp_get_thread_num() == 0) team_size = omp_get_num_threads();
+      try {
+        while (!failed.load(std::memory_order_relaxed)) {
+          const int64_t task = next_task.fetch_add(1, std::memory_order_relaxed);
+          if (task >= num_tasks) break;
+          body(task);
+        }
+      } catch (...) {
+        if (!failed.exchange(true)) first_error = std::current_exception();
       }
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!first_error) first_error = std::current_exception();
-      failed.store(true);
     }
-  };
-  std::vector<std::thread> threads;
-  threads.reserve(static_cast<size_t>(workers - 1));
-  try {
-    for (int64_t i = 0; i < workers - 1; ++i) threads.emplace_back(work);
-  } catch (const std::system_error&) {
-    // Could not start more threads (resource limits): the threads already running and this one finish the job.
+    if (first_error) std::rethrow_exception(first_error);
+    return team_size;
   }
-  work();
-  for (auto& thread : threads) thread.join();
-  if (first_error) std::rethrow_exception(first_error);
+#endif
+  for (int64_t task = 0; task < num_tasks; ++task) body(task);
+  return 1;
 }
 
-// Threads worth using for `work` elements: at least `min_work_per_thread` each, so small calls stay inline.
-inline int64_t threads_for_work(int64_t num_threads, int64_t work, int64_t min_work_per_thread = 1 << 15) {
-  const int64_t useful = std::max<int64_t>(1, work / std::max<int64_t>(1, min_work_per_thread));
-  return std::max<int64_t>(1, std::min(num_threads, useful));
+// Team size the OpenMP runtime would use for a parallel region started by the calling thread (1 without OpenMP).
+// torch.set_num_threads(n) sets it to n when this module shares PyTorch's runtime.
+inline int64_t runtime_max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// A per-thread scratch buffer of at least `count` elements, 64-byte aligned, reused across calls (grown when a
+// call needs more, never zero-filled): kernels allocate nothing per call or per task.
+template <typename T>
+T* thread_scratch(int64_t count) {
+  struct Buffer {
+    std::unique_ptr<void, void (*)(void*)> data{nullptr, std::free};
+    size_t bytes = 0;
+  };
+  thread_local Buffer buffer;
+  const size_t bytes = (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64;
+  if (bytes > buffer.bytes) {
+    void* fresh = std::aligned_alloc(64, bytes);
+    if (fresh == nullptr) throw std::bad_alloc();
+    buffer.data.reset(fresh);
+    buffer.bytes = bytes;
+  }
+  return static_cast<T*>(buffer.data.get());
 }
 
 }  // namespace cpu
