@@ -24,13 +24,54 @@ def _ext():
     return _C_cuda
 
 
-def is_available() -> bool:
-    """True when fbkernels._C_cuda imports, PyTorch sees CUDA and the driver reports at least one device."""
-    try:
+def runs_on(capability: tuple[int, int], architectures: list[str]) -> bool:
+    """Whether a build for CMake CUDA architectures like ["75-real", "90-virtual"] has code for a device of
+    compute ``capability`` (major, minor): a cubin for sm_XY runs on devices X.Z with Z >= Y (same major); PTX for
+    compute_XY is compiled by the driver for any device >= X.Y. An entry without a suffix builds both."""
+    for entry in architectures:
+        arch, _, kind = entry.partition("-")
+        if not arch.isdigit():  # "all", "native", "90a": not decidable from the name; the runtime probe decides
+            return True
+        built = (int(arch) // 10, int(arch) % 10)
+        if kind in ("", "real") and built[0] == capability[0] and built[1] <= capability[1]:
+            return True
+        if kind in ("", "virtual") and built <= tuple(capability):
+            return True
+    return False
+
+
+_IMAGE_REASONS: dict[int, str | None] = {}
+
+
+def missing_image_reason(device_index: int | None = None) -> str | None:
+    """None when fbkernels._C_cuda has kernels for CUDA device ``device_index`` (default: the current one), else
+    why not. Probed once per device: the compiled architecture list against the device's capability, then the
+    kernels' attributes as the driver reports them (this also catches PTX newer than the driver)."""
+    index = torch.cuda.current_device() if device_index is None else device_index
+    if index not in _IMAGE_REASONS:
         ext = _ext()
-    except RuntimeError:
-        return False
-    return torch.cuda.is_available() and ext.device_count() > 0
+        capability = torch.cuda.get_device_capability(index)
+        architectures = ext.architectures().split(";")
+        runtime_error = None
+        if runs_on(capability, architectures):
+            runtime_error = ext.kernel_image_error(index) or None
+        _IMAGE_REASONS[index] = image_reason(torch.cuda.get_device_name(index), capability, architectures,
+                                             runtime_error)
+    return _IMAGE_REASONS[index]
+
+
+def image_reason(device_name: str, capability: tuple[int, int], architectures: list[str],
+                 runtime_error: str | None) -> str | None:
+    """The unavailable reason for a device, from what missing_image_reason probed (None: the kernels run)."""
+    major, minor = capability
+    if runs_on(capability, architectures) and runtime_error is None:
+        return None
+    detail = f": {runtime_error}" if runtime_error else ""
+    return (
+        f"fbkernels._C_cuda has no kernel image for {device_name} (compute capability {major}.{minor}); it was "
+        f"built for CUDA architectures {';'.join(architectures)}{detail}. Rebuild for this GPU: "
+        f'CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES={major}{minor}" FBKERNELS_CUDA=ON pip install --no-build-isolation .'
+    )
 
 
 def _dtype_code(t: torch.Tensor) -> int:
