@@ -114,3 +114,63 @@ def test_bad_environment_backend_names_the_variable(monkeypatch):
     monkeypatch.delenv("FBKERNELS_BACKEND")
     with pytest.raises(ValueError, match="backend must be one of"):
         fbkernels.context_gate(torch.randn(1, 2, 3), torch.randn(1, 2), 0.5, backend="tpu")
+
+
+# ---------------------------------------------------------------- cuda: kernel image for the device
+
+DEFAULT_ARCHITECTURES = ["75-real", "80-real", "86-real", "89-real", "90-real", "90-virtual"]
+
+
+@pytest.mark.parametrize("capability,runs", [
+    ((7, 0), False),   # V100: older than every cubin, and PTX only runs on newer devices
+    ((6, 1), False),
+    ((7, 5), True),
+    ((8, 0), True),
+    ((8, 7), True),    # Orin: the sm_86 cubin runs on 8.7 (same major, newer minor)
+    ((9, 0), True),
+    ((10, 0), True),   # Blackwell: JIT from the compute_90 PTX
+    ((12, 0), True),
+])
+def test_runs_on_compares_capability_with_the_built_architectures(capability, runs):
+    assert _cuda.runs_on(capability, DEFAULT_ARCHITECTURES) is runs
+
+
+def test_runs_on_reads_every_cmake_form():
+    assert not _cuda.runs_on((10, 0), ["80-real", "90-real"])  # cubins only: no PTX for newer majors
+    assert _cuda.runs_on((8, 6), ["80"])                      # plain "80": cubin and PTX
+    assert _cuda.runs_on((9, 0), ["80-virtual"])
+    assert not _cuda.runs_on((7, 5), ["80-virtual"])
+    assert _cuda.runs_on((7, 0), ["all"])                     # undecidable by name: the runtime probe decides
+
+
+def test_image_reason_names_the_gpu_the_build_and_the_fix():
+    assert _cuda.image_reason("H100", (9, 0), DEFAULT_ARCHITECTURES, None) is None
+    reason = _cuda.image_reason("Tesla V100", (7, 0), DEFAULT_ARCHITECTURES, None)
+    assert "Tesla V100" in reason and "7.0" in reason and "75-real" in reason
+    assert "-DCMAKE_CUDA_ARCHITECTURES=70" in reason
+    # The arch list says yes but the driver says no (e.g. PTX newer than the driver): its words are kept.
+    reason = _cuda.image_reason("H100", (9, 0), DEFAULT_ARCHITECTURES, "the provided PTX was compiled with an "
+                                "unsupported toolchain")
+    assert "unsupported toolchain" in reason
+
+
+def test_cuda_without_an_image_falls_back_to_triton_with_one_warning(monkeypatch):
+    """backend=None on a GPU the build has no code for: triton (or eager) with a stated reason, not 'cuda' and
+    a "no kernel image" failure at every call."""
+    monkeypatch.setattr(backends, "_REASONS", {})
+    monkeypatch.setattr(backends, "_WARNED", set())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "_module_found", lambda module: True)
+    monkeypatch.setattr(_cuda, "missing_image_reason", lambda index: _cuda.image_reason(
+        "Tesla V100", (7, 0), DEFAULT_ARCHITECTURES, None))
+    monkeypatch.delenv("FBKERNELS_BACKEND", raising=False)
+    device = torch.device("cuda", 0)
+    with pytest.warns(RuntimeWarning, match="Tesla V100") as caught:
+        assert backends.resolve_backend(None, device, torch.float32) == "triton"
+        assert backends.resolve_backend(None, device, torch.float16) == "triton"
+    assert len(caught) == 1
+    with pytest.raises(ValueError, match="no kernel image for Tesla V100"):
+        backends.resolve_backend("cuda", device, torch.float32)
+    monkeypatch.setattr(backends, "_REASONS", {})
+    monkeypatch.setattr(backends, "_module_found", lambda module: module != "triton")
+    assert backends.resolve_backend(None, device, torch.float32) == "eager"
