@@ -75,7 +75,8 @@ def test_license_citation_and_metadata():
     for needle in ("cff-version", "Deep Recurrence for Dynamical Segmentation Models", "arXiv:2507.10143",
                    "Contextual Backpropagation Loops", "arXiv:2412.17737"):
         assert needle in citation, needle
-    for url in PROJECT.get("urls", {}).values():
+    for name, url in PROJECT.get("urls", {}).items():
+        assert len(name) <= 32, f"{name!r}: core metadata refuses URL labels over 32 characters"
         assert url.startswith("https://") and "example" not in url and "TODO" not in url, url
 
 
