@@ -84,5 +84,6 @@ PYBIND11_MODULE(_C_cuda, m) {
         "Empty when the current CUDA device runs these kernels, else the runtime's reason (e.g. no kernel image).");
   m.def(
       "architectures", [] { return std::string(FBKERNELS_CUDA_ARCHITECTURES); },
-      "The CMake CUDA architectures this module was compiled for, comma-separated, e.g. '75-real,80-real,90-real,90-virtual'.");
+      "The CMake CUDA architectures this module was compiled for, comma-separated, e.g. "
+      "'75-real,80-real,90-real,90-virtual'.");
 }
