@@ -24,13 +24,55 @@ def _ext():
     return _C_cuda
 
 
-def is_available() -> bool:
-    """True when fbkernels._C_cuda imports, PyTorch sees CUDA and the driver reports at least one device."""
-    try:
+def runs_on(capability: tuple[int, int], architectures: list[str]) -> bool:
+    """Whether a build for CMake CUDA architectures like ["75-real", "90-virtual"] has code for a device of
+    compute ``capability`` (major, minor): a cubin for sm_XY runs on devices X.Z with Z >= Y (same major); PTX for
+    compute_XY is compiled by the driver for any device >= X.Y. An entry without a suffix builds both."""
+    for entry in architectures:
+        arch, _, kind = entry.partition("-")
+        if not arch.isdigit():  # "all", "native", "90a": not decidable from the name; the runtime probe decides
+            return True
+        built = (int(arch) // 10, int(arch) % 10)
+        if kind in ("", "real") and built[0] == capability[0] and built[1] <= capability[1]:
+            return True
+        if kind in ("", "virtual") and built <= tuple(capability):
+            return True
+    return False
+
+
+_IMAGE_REASONS: dict[int, str | None] = {}
+
+
+def missing_image_reason(device_index: int | None = None) -> str | None:
+    """None when fbkernels._C_cuda has kernels for CUDA device ``device_index`` (default: the current one), else
+    why not. Probed once per device: the compiled architecture list against the device's capability, then the
+    kernels' attributes as the driver reports them (this also catches PTX newer than the driver)."""
+    index = torch.cuda.current_device() if device_index is None else device_index
+    if index not in _IMAGE_REASONS:
         ext = _ext()
-    except RuntimeError:
-        return False
-    return torch.cuda.is_available() and ext.device_count() > 0
+        capability = torch.cuda.get_device_capability(index)
+        architectures = ext.architectures().replace(";", ",").split(",")
+        runtime_error = None
+        if runs_on(capability, architectures):
+            with torch.cuda.device(index):
+                runtime_error = ext.kernel_image_error() or None
+        _IMAGE_REASONS[index] = image_reason(torch.cuda.get_device_name(index), capability, architectures,
+                                             runtime_error)
+    return _IMAGE_REASONS[index]
+
+
+def image_reason(device_name: str, capability: tuple[int, int], architectures: list[str],
+                 runtime_error: str | None) -> str | None:
+    """The unavailable reason for a device, from what missing_image_reason probed (None: the kernels run)."""
+    major, minor = capability
+    if runs_on(capability, architectures) and runtime_error is None:
+        return None
+    detail = f": {runtime_error}" if runtime_error else ""
+    return (
+        f"fbkernels._C_cuda has no kernel image for {device_name} (compute capability {major}.{minor}); it was "
+        f"built for CUDA architectures {','.join(architectures)}{detail}. Rebuild for this GPU: "
+        f'CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES={major}{minor}" FBKERNELS_CUDA=ON pip install --no-build-isolation .'
+    )
 
 
 def _dtype_code(t: torch.Tensor) -> int:
@@ -72,12 +114,14 @@ def feedback_step_forward(h, f, decay, num_feedback):
         return launch_feedback_step_forward(_ext(), _stream(h.device), h, f, decay, num_feedback)
 
 
-def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback):
-    """grad_h: [B, d, N] or None; grad_v: [B, k, N] or None. Returns (grad_h_in, grad_f [B, d, N], grad_decay [d, d])."""
+def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback, needs_grad=(True, True, True)):
+    """grad_h: [B, d, N] or None; grad_v: [B, k, N] or None. Returns (grad_h_in [B, d, N], grad_f [B, d, N],
+    grad_decay [d, d]), each None where needs_grad says it is not needed (its work is skipped)."""
     _check(f, v, decay, grad_h, grad_v)
     with torch.cuda.device(f.device):
-        # The partial count depends on the current device (its SM count): it is asked under this device guard.
-        return launch_feedback_step_backward(_ext(), _stream(f.device), grad_h, grad_v, f, v, decay, num_feedback)
+        # The workspace size depends on the current device (its SM count): it is asked under this device guard.
+        return launch_feedback_step_backward(_ext(), _stream(f.device), grad_h, grad_v, f, v, decay, num_feedback,
+                                             needs_grad)
 
 
 def context_gate_forward(h, gate_logits, alpha):
@@ -87,11 +131,12 @@ def context_gate_forward(h, gate_logits, alpha):
         return launch_context_gate_forward(_ext(), _stream(h.device), h, gate_logits, alpha)
 
 
-def context_gate_backward(grad_out, h, gate_logits, alpha):
-    """grad_out, h: [B, C, N]; gate_logits: [B, C]. Returns (grad_h [B, C, N], grad_gate_logits [B, C])."""
+def context_gate_backward(grad_out, h, gate_logits, alpha, needs_grad=(True, True)):
+    """grad_out, h: [B, C, N]; gate_logits: [B, C]. Returns (grad_h [B, C, N], grad_gate_logits [B, C]), each None
+    where needs_grad says it is not needed."""
     _check(grad_out, h, gate_logits)
     with torch.cuda.device(h.device):
-        return launch_context_gate_backward(_ext(), _stream(h.device), grad_out, h, gate_logits, alpha)
+        return launch_context_gate_backward(_ext(), _stream(h.device), grad_out, h, gate_logits, alpha, needs_grad)
 
 
 # The launchers below allocate the outputs and workspace and call the kernel module `ext` on `stream`, with no
@@ -110,20 +155,26 @@ def launch_feedback_step_forward(ext, stream, h, f, decay, num_feedback):
     return h_next, v
 
 
-def launch_feedback_step_backward(ext, stream, grad_h, grad_v, f, v, decay, num_feedback):
+def launch_feedback_step_backward(ext, stream, grad_h, grad_v, f, v, decay, num_feedback,
+                                  needs_grad=(True, True, True)):
     B, d, N = f.shape
     k = int(num_feedback)
-    grad_h_in = torch.empty_like(f)
-    grad_f = torch.empty_like(f)
-    grad_decay = torch.empty((d, d), dtype=f.dtype, device=f.device)
-    partial_dtype = torch.float64 if f.dtype == torch.float64 else torch.float32
-    num_partials = ext.feedback_step_num_partials(B, d, N)
-    partials = torch.empty(num_partials * d * d, dtype=partial_dtype, device=f.device)
-    ext.feedback_step_backward(
-        _ptr(grad_h), _ptr(grad_v), f.data_ptr(), v.data_ptr(), decay.data_ptr(),
-        grad_h_in.data_ptr(), grad_f.data_ptr(), grad_decay.data_ptr(), partials.data_ptr(),
-        B, d, N, k, _dtype_code(f), stream,
-    )
+    need_h, need_f, need_decay = needs_grad
+    grad_h_in = torch.empty_like(f) if need_h else None
+    grad_f = torch.empty_like(f) if need_f else None
+    grad_decay = torch.empty((d, d), dtype=f.dtype, device=f.device) if need_decay else None
+    partials = None
+    if need_decay:
+        # Sized by the kernel module (its count is cached per device there), which checks it again at launch.
+        partial_dtype = torch.float64 if f.dtype == torch.float64 else torch.float32
+        partials = torch.empty(ext.feedback_step_num_partials(B, d, N) * d * d, dtype=partial_dtype, device=f.device)
+    if need_h or need_f or need_decay:
+        ext.feedback_step_backward(
+            _ptr(grad_h), _ptr(grad_v), f.data_ptr(), v.data_ptr(), decay.data_ptr(),
+            _ptr(grad_h_in), _ptr(grad_f), _ptr(grad_decay), _ptr(partials),
+            0 if partials is None else partials.numel(),
+            B, d, N, k, _dtype_code(f), stream,
+        )
     return grad_h_in, grad_f, grad_decay
 
 
@@ -136,12 +187,14 @@ def launch_context_gate_forward(ext, stream, h, gate_logits, alpha):
     return out
 
 
-def launch_context_gate_backward(ext, stream, grad_out, h, gate_logits, alpha):
+def launch_context_gate_backward(ext, stream, grad_out, h, gate_logits, alpha, needs_grad=(True, True)):
     B, C, N = h.shape
-    grad_h = torch.empty_like(h)
-    grad_gate_logits = torch.empty_like(gate_logits)
-    ext.context_gate_backward(
-        grad_out.data_ptr(), h.data_ptr(), gate_logits.data_ptr(), grad_h.data_ptr(),
-        grad_gate_logits.data_ptr(), B, C, N, float(alpha), _dtype_code(h), stream,
-    )
+    need_h, need_gate = needs_grad
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_gate_logits = torch.empty_like(gate_logits) if need_gate else None
+    if need_h or need_gate:
+        ext.context_gate_backward(
+            grad_out.data_ptr(), h.data_ptr(), gate_logits.data_ptr(), _ptr(grad_h), _ptr(grad_gate_logits),
+            B, C, N, float(alpha), _dtype_code(h), stream,
+        )
     return grad_h, grad_gate_logits

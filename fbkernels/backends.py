@@ -2,40 +2,81 @@
 
 ``backend=None`` picks the preferred available backend for the tensors' device (``FBKERNELS_BACKEND``
 overrides that choice); an explicit backend that cannot run gets an error naming what is missing.
+Availability is probed on first use, once per (backend, device, interpreter mode), never at import: importing
+fbkernels must not initialise CUDA (a process that forks after importing would break its children).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
+import warnings
+from pathlib import Path
 from types import ModuleType
 
 import torch
 
 BACKENDS = ("eager", "cpp", "cuda", "triton")
+ENVIRONMENT_VARIABLE = "FBKERNELS_BACKEND"
 # Auto choice, most preferred first. On CUDA tensors "cuda" comes first: see README "Backends" for why.
 _PREFERENCE = {"cpu": ("cpp", "eager"), "cuda": ("cuda", "triton", "eager")}
 _NATIVE_DTYPES = {"cpp": (torch.float32, torch.float64)}
-
-
-def _device_type(device) -> str:
-    return torch.device(device).type
-
-
-def _module_status(module: str, hint: str) -> str | None:
-    # find_spec locates the compiled module without initialising anything (no CUDA context before a fork).
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ImportError:
-        found = False
-    return None if found else f"{module} is missing; {hint}"
 
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _probe(name: str, device_type: str, interpreting: bool) -> str | None:
+def source_tree_without_modules() -> str | None:
+    """The checkout fbkernels was imported from when it lacks the compiled modules (Python started in a clone,
+    so the clone shadows any installed copy), else None."""
+    package = Path(__file__).resolve().parent
+    root = package.parent
+    if not ((root / "CMakeLists.txt").is_file() and (root / "csrc").is_dir()):
+        return None
+    if _module_found("fbkernels._C"):  # an editable install finds its build through its import hook
+        return None
+    return str(root)
+
+
+def _source_tree_message(root: str) -> str:
+    return (
+        f"fbkernels is imported from its source tree {root}, which has no compiled modules (the current directory "
+        "comes first on sys.path and shadows an installed fbkernels). Run Python from another directory, or with "
+        "`python -P` (Python 3.11+ leaves the current directory off sys.path), or install this tree editable: "
+        "`pip install --no-build-isolation -e .`"
+    )
+
+
+def _module_found(module: str) -> bool:
+    # find_spec locates the compiled module without loading it.
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+def _module_status(module: str, hint: str) -> str | None:
+    if _module_found(module):
+        return None
+    root = source_tree_without_modules()
+    if root is not None:
+        message = _source_tree_message(root)
+        _warn_once(message)
+        return f"{module} is missing: {message}"
+    return f"{module} is missing; {hint}"
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _probe(name: str, device_type: str, device_index: int | None, interpreting: bool) -> str | None:
     if name == "eager":
         return None
     if name == "cpp":
@@ -47,11 +88,20 @@ def _probe(name: str, device_type: str, interpreting: bool) -> str | None:
             return f"cuda runs on CUDA tensors only, not {device_type}"
         if not torch.cuda.is_available():
             return "no CUDA device is visible to PyTorch"
-        return _module_status(
+        missing = _module_status(
             "fbkernels._C_cuda",
             "fbkernels was built without its CUDA kernels; rebuild with a CUDA toolkit present: "
             "FBKERNELS_CUDA=ON pip install --no-build-isolation .",
         )
+        if missing is not None:
+            return missing
+        from . import _cuda
+
+        no_image = _cuda.missing_image_reason(device_index)
+        if no_image is not None:
+            _warn_once(f"fbkernels: the cuda backend cannot run here ({no_image}); backend=None uses triton "
+                       "(or eager without triton) on this device")
+        return no_image
     missing = _module_status("triton", "install it with `pip install triton`")
     if missing is not None:
         return missing
@@ -64,23 +114,31 @@ def _probe(name: str, device_type: str, interpreting: bool) -> str | None:
     return f"triton does not run on {device_type} tensors"
 
 
-# Probed once at import: torch.compile then reads plain dict entries instead of tracing imports.
-_STATUS = {
-    (name, device_type, interpreting): _probe(name, device_type, interpreting)
-    for name in BACKENDS
-    for device_type in ("cpu", "cuda")
-    for interpreting in (False, True)
-}
+_REASONS: dict[tuple, str | None] = {}
+
+
+# torch.compile runs this once while tracing and keeps the result as a constant: probing imports modules and asks
+# the CUDA driver, which Dynamo cannot trace. Its guards on the arguments re-trace for another device.
+@torch.compiler.assume_constant_result
+def _cached_reason(name: str, device_type: str, device_index: int, interpreting: bool) -> str:
+    key = (name, device_type, device_index, interpreting)
+    if key not in _REASONS:
+        _REASONS[key] = _probe(name, device_type, None if device_index < 0 else device_index, interpreting)
+    reason = _REASONS[key]
+    return "" if reason is None else reason
+
+
+def _check_name(name, source: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {list(BACKENDS)}, got {name!r}")
 
 
 def unavailable_reason(name: str, device="cpu") -> str | None:
     """None when backend ``name`` can run on tensors on ``device``, else why not."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)} or None, got {name!r}")
-    key = (name, _device_type(device), triton_interpreting())
-    if key not in _STATUS:
-        _STATUS[key] = _probe(*key)
-    return _STATUS[key]
+    _check_name(name, "backend")
+    device = torch.device(device)
+    index = -1 if device.index is None else device.index
+    return _cached_reason(name, device.type, index, triton_interpreting()) or None
 
 
 def available_backends(device="cpu") -> list[str]:
@@ -92,19 +150,23 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
     """The backend an op call on (device, dtype) runs: the given one, else FBKERNELS_BACKEND, else the preferred."""
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    explicit = backend if backend is not None else os.environ.get("FBKERNELS_BACKEND") or None
+    from_environment = backend is None
+    explicit = (os.environ.get(ENVIRONMENT_VARIABLE) or None) if from_environment else backend
     device_type = device.type
     if explicit is not None:
+        named_by = f"the backend named by the environment variable {ENVIRONMENT_VARIABLE}"
+        _check_name(explicit, named_by if from_environment else "backend")
         reason = unavailable_reason(explicit, device)
+        given = f"{ENVIRONMENT_VARIABLE}={explicit!r}" if from_environment else f"backend {explicit!r}"
         if reason is not None:
             raise ValueError(
-                f"backend {explicit!r} is not available for {device_type} tensors: {reason}; "
+                f"{given} is not available for {device_type} tensors: {reason}; "
                 f"available: {available_backends(device)}"
             )
         supported = _NATIVE_DTYPES.get(explicit)
         if supported is not None and dtype not in supported:
             raise TypeError(
-                f"backend {explicit!r} supports dtypes {[str(t) for t in supported]}, got {dtype}; "
+                f"{given} supports dtypes {[str(t) for t in supported]}, got {dtype}; "
                 "use backend='eager' or a GPU backend for half precision"
             )
         return explicit

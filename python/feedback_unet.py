@@ -455,30 +455,71 @@ EXPERIMENTS = {"noise": experiment_noise, "trainsize": experiment_trainsize, "ab
                "stability": experiment_stability}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+EXPERIMENT_HELP = {
+    "noise": "A1: F1 of the polygon class against the noise sigma, feedback vs feedforward (preset fields sigmas, "
+             "train_size, seeds)",
+    "trainsize": "A2: F1 against the number of training images D (train_sizes; sigma 0)",
+    "ablation": "A3: decay x softmax variants of the feedback model against the feedforward one (ablation_sigmas)",
+    "stability": "A4: whether a trained feedback model settles when unrolled past T (stability_sigma, "
+                 "stability_steps)",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
+def _presets_epilog() -> str:
+    names = list(Preset.__dataclass_fields__)
+    width = max(map(len, names))
+    lines = ["experiments:"]
+    lines += [f"  {name:<10} {text}" for name, text in EXPERIMENT_HELP.items()]
+    lines += ["", "preset fields (override any with --set FIELD=VALUE; tuples as comma lists):",
+              f"  {'field':<{width}}  " + "  ".join(f"{p:<24}" for p in PRESETS)]
+    for name in names:
+        values = [",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+                  for v in (getattr(PRESETS[p], name) for p in PRESETS)]
+        lines.append(f"  {name:<{width}}  " + "  ".join(f"{v:<24}" for v in values))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, Preset]:
+    """The command line and the preset it selects, with its --set overrides applied (bad values exit with a usage
+    error)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter, epilog=_presets_epilog())
+    parser.add_argument("experiment", choices=sorted(EXPERIMENTS), metavar="experiment",
+                        help="one of: " + ", ".join(sorted(EXPERIMENTS)) + " (described below)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="sizes and settings, listed below")
     parser.add_argument("--seed", type=int, default=0, help="first seed; runs use seed, seed+1, ...")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (None: the preset's)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (None: cuda if available, else cpu)")
     parser.add_argument("--backend", default=None, choices=list(fbkernels.backends.BACKENDS),
-                        help="fbkernels backend of the feedback step (default: fastest available)")
-    parser.add_argument("--out", default=None, help="output directory (default: python/results/<preset>)")
+                        help="fbkernels backend of the feedback step (None: fastest available)")
+    parser.add_argument("--out", default=None, help="output directory (None: python/results/<preset>)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: 1 for the quick preset on CPU, where the small "
+                        help="torch CPU threads (None: 1 for the quick preset on CPU, where the small "
                              "convolutions gain nothing from more and a shared CPU makes extra threads spin; "
                              "else torch's default)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a preset field, e.g. --set epochs=2 --set sigmas=0,5")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        preset = override(PRESETS[args.preset], args.set)
+    except ValueError as error:
+        parser.error(str(error))
+    return args, preset
+
+
+def main(argv=None):
+    args, preset = parse_args(argv)
     if args.threads is None and args.preset == "quick" and torch.device(args.device).type == "cpu":
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out = args.out or str(Path(__file__).resolve().parent / "results" / args.preset)
-    preset = override(PRESETS[args.preset], args.set)
     started = time.perf_counter()
     EXPERIMENTS[args.experiment](args, preset)
     if train.is_main_process():
@@ -488,16 +529,24 @@ def main(argv=None):
 
 
 def override(preset: Preset, assignments) -> Preset:
+    """preset with FIELD=VALUE assignments applied; ValueError naming the field for an unknown field or a value
+    of the wrong type."""
     changes = {}
     for item in assignments:
-        name, _, value = item.partition("=")
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
         if name not in Preset.__dataclass_fields__:
-            raise SystemExit(f"--set: unknown preset field {name!r}; fields: {sorted(Preset.__dataclass_fields__)}")
+            raise ValueError(f"--set: unknown preset field {name!r}; fields: {sorted(Preset.__dataclass_fields__)}")
         current = getattr(preset, name)
-        if isinstance(current, tuple):
-            changes[name] = tuple(float(v) if "." in v else int(v) for v in value.split(",") if v)
-        else:
-            changes[name] = type(current)(value)
+        try:
+            if isinstance(current, tuple):
+                changes[name] = tuple(float(v) if "." in v else int(v) for v in value.split(",") if v)
+            else:
+                changes[name] = type(current)(value)
+        except ValueError:
+            kind = "a comma list of numbers" if isinstance(current, tuple) else type(current).__name__
+            raise ValueError(f"--set {name}: expected {kind}, got {value!r}") from None
     return replace(preset, **changes)
 
 

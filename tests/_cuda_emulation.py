@@ -90,10 +90,9 @@ class EmulatedCuda:
         signatures = {
             "fbk_feedback_step_forward": [ptr] * 5 + [i64] * 4 + [i32, ptr],
             "fbk_feedback_step_num_partials": [i64] * 3 + [ctypes.POINTER(i64)],
-            "fbk_feedback_step_backward": [ptr] * 9 + [i64] * 4 + [i32, ptr],
+            "fbk_feedback_step_backward": [ptr] * 9 + [i64] * 5 + [i32, ptr],
             "fbk_context_gate_forward": [ptr] * 3 + [i64] * 3 + [f64, i32, ptr],
             "fbk_context_gate_backward": [ptr] * 5 + [i64] * 3 + [f64, i32, ptr],
-            "fbk_device_count": [],
             "fbk_emulation_take_streams": [ctypes.POINTER(ctypes.c_uint64), i64],
         }
         for name, argtypes in signatures.items():
@@ -101,6 +100,7 @@ class EmulatedCuda:
             fn.argtypes = argtypes
             fn.restype = ctypes.c_int64 if name.startswith("fbk_emulation_") else ctypes.c_int
         lib.fbk_emulation_error.restype = ctypes.c_char_p
+        lib.fbk_kernel_image_error.restype = ctypes.c_char_p
         self._lib = lib
 
     def _call(self, name, *args):
@@ -122,11 +122,11 @@ class EmulatedCuda:
         self._call("feedback_step_num_partials", B, d, N, ctypes.byref(out))
         return out.value
 
-    def feedback_step_backward(self, grad_h, grad_v, f, v, decay, grad_h_in, grad_f, grad_decay, partials, B, d, N,
-                               k, dtype, stream):
+    def feedback_step_backward(self, grad_h, grad_v, f, v, decay, grad_h_in, grad_f, grad_decay, partials,
+                               partials_elements, B, d, N, k, dtype, stream):
         self._call("feedback_step_backward",
                    *self._pointers([grad_h, grad_v, f, v, decay, grad_h_in, grad_f, grad_decay, partials]),
-                   B, d, N, k, dtype, ctypes.c_void_p(stream or None))
+                   partials_elements, B, d, N, k, dtype, ctypes.c_void_p(stream or None))
 
     def context_gate_forward(self, h, gate_logits, out, B, C, N, alpha, dtype, stream):
         self._call("context_gate_forward", *self._pointers([h, gate_logits, out]), B, C, N, alpha, dtype,
@@ -137,8 +137,8 @@ class EmulatedCuda:
         self._call("context_gate_backward", *self._pointers([grad_out, h, gate_logits, grad_h, grad_gate_logits]),
                    B, C, N, alpha, dtype, ctypes.c_void_p(stream or None))
 
-    def device_count(self):
-        return self._lib.fbk_device_count()
+    def kernel_image_error(self):
+        return self._lib.fbk_kernel_image_error().decode()
 
     def take_launch_streams(self, max_launches=64):
         """The stream handle of each kernel launch since the last call, in launch order."""

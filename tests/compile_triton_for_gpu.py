@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from fbkernels.triton import context_gate, feedback_step
-from fbkernels.triton._utils import INTERPRETING, dtype_flags, sum_partials_kernel
+from fbkernels.triton._utils import INTERPRETING, sum_partials_kernel
 
 POINTER = {"float32": "*fp32", "float64": "*fp64", "float16": "*fp16", "bfloat16": "*bf16"}
 
@@ -77,7 +77,8 @@ def resource_usage(compiled, arch: int) -> str:
 def variants(full: bool, every_config: bool = False):
     """(label, kernel, signature, constexprs, num_warps) of every variant to compile."""
     dtypes = list(POINTER) if full else ["float32", "bfloat16", "float64"]
-    channels = (4, 18, 33, 64) if full else (4, 18)
+    # d = 100 and 128: the kernels without the in-register grad_decay accumulator (dL/dM is a matmul there).
+    channels = (4, 18, 33, 64, 100, 128) if full or every_config else (4, 18, 100)
     gradients = ((True, True), (False, True), (True, False)) if full else ((True, True),)
     for dtype, d in itertools.product(dtypes, channels):
         ptr, partial = POINTER[dtype], "*fp64" if dtype == "float64" else "*fp32"
@@ -89,26 +90,36 @@ def variants(full: bool, every_config: bool = False):
                    dict(h_ptr=ptr, f_ptr=ptr, decay_ptr=ptr, h_next_ptr=ptr, v_ptr=ptr, d="i32", N="i32",
                         num_feedback="i32"), dict(flags, BLOCK_N=block_n), warps)
         backward = feedback_step._feedback_step_backward_kernel
+        accumulate = flags["D_PAD"] <= feedback_step._ACCUMULATE_MAX_D_PAD
+        outputs = dict(WRITE_G=True, WRITE_GRAD_F=True, ACC_DECAY=accumulate)
+        backward_flags = dict(flags, **outputs)
         for (has_grad_h, has_grad_v), (block_n, warps) in itertools.product(
-                gradients, autotune_configs(backward, flags, every_config)):
+                gradients, autotune_configs(backward, backward_flags, every_config)):
             yield (f"feedback_step backward {dtype} d={d} grad_h={has_grad_h} grad_v={has_grad_v} "
-                   f"BLOCK_N={block_n} warps={warps}", backward,
+                   f"accumulate={accumulate} BLOCK_N={block_n} warps={warps}", backward,
                    dict(grad_h_ptr=ptr, grad_v_ptr=ptr, f_ptr=ptr, v_ptr=ptr, decay_ptr=ptr, grad_h_in_ptr=ptr,
                         grad_f_ptr=ptr, partial_ptr=partial, B="i32", d="i32", N="i32", num_feedback="i32",
                         num_programs="i32"),
-                   dict(flags, BLOCK_N=block_n, HAS_GRAD_H=has_grad_h, HAS_GRAD_V=has_grad_v), warps)
+                   dict(backward_flags, BLOCK_N=block_n, HAS_GRAD_H=has_grad_h, HAS_GRAD_V=has_grad_v), warps)
     for dtype in dtypes:
         ptr, partial = POINTER[dtype], "*fp64" if dtype == "float64" else "*fp32"
-        flags = dtype_flags(getattr(torch, dtype))
+        is_fp64 = dtype == "float64"
         alpha = dict(alpha_head="fp32", alpha_tail="fp32")
-        yield (f"context_gate forward {dtype}", context_gate._context_gate_forward_kernel,
-               dict(h_ptr=ptr, gate_logits_ptr=ptr, out_ptr=ptr, N="i32", **alpha), dict(flags, BLOCK_N=1024), 4)
-        yield (f"context_gate backward {dtype}", context_gate._context_gate_backward_kernel,
-               dict(grad_out_ptr=ptr, h_ptr=ptr, gate_logits_ptr=ptr, grad_h_ptr=ptr, partial_ptr=partial, N="i32",
-                    num_chunks="i32", **alpha), dict(flags, BLOCK_N=1024, CHUNK=8192), 4)
+        # Tiles the host picks for CBL-CNN maps (4 and 256 positions) and for long rows.
+        for N in (4, 256, 1 << 16):
+            block_r, block_n, warps = context_gate.tile_shape(1024, N)
+            tile = dict(IS_FP64=is_fp64, BLOCK_R=block_r, BLOCK_N=block_n)
+            label = f"{dtype} N={N} BLOCK_R={block_r} BLOCK_N={block_n}"
+            yield (f"context_gate forward {label}", context_gate._context_gate_forward_kernel,
+                   dict(h_ptr=ptr, gate_logits_ptr=ptr, out_ptr=ptr, num_rows="i32", N="i32", **alpha), tile, warps)
+            chunk = min(context_gate._CHUNK, block_n * triton.cdiv(N, block_n))
+            yield (f"context_gate backward {label}", context_gate._context_gate_backward_kernel,
+                   dict(grad_out_ptr=ptr, h_ptr=ptr, gate_logits_ptr=ptr, grad_h_ptr=ptr, partial_ptr=partial,
+                        num_rows="i32", N="i32", num_chunks="i32", **alpha),
+                   dict(tile, CHUNK=chunk, WRITE_GRAD_H=True, WRITE_PARTIALS=True), warps)
         yield (f"context_gate grad_logits {dtype}", context_gate._context_gate_grad_logits_kernel,
-               dict(partial_ptr=partial, gate_logits_ptr=ptr, grad_gate_logits_ptr=ptr, num_chunks="i32", **alpha),
-               dict(IS_FP64=flags["IS_FP64"]), 4)
+               dict(partial_ptr=partial, gate_logits_ptr=ptr, grad_gate_logits_ptr=ptr, num_rows="i32",
+                    num_chunks="i32", **alpha), dict(IS_FP64=is_fp64, BLOCK_R=context_gate._GRAD_LOGITS_ROWS), 4)
         yield (f"sum_partials {dtype}", sum_partials_kernel,
                dict(partial_ptr=partial, out_ptr=ptr, num_partials="i32", numel="i32"), dict(BLOCK=256), 4)
 

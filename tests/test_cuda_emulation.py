@@ -134,6 +134,64 @@ def test_feedback_step_benchmark_shape(ext, dtype):
     assert kernel_error <= 3 * eager_error + 1e-6 * exact[2].abs().max().item(), (kernel_error, eager_error)
 
 
+NEEDS = [(True, False, False), (False, True, False), (False, False, True), (True, True, False), (False, True, True),
+         (False, False, False)]
+
+
+@pytest.mark.parametrize("needs_grad", NEEDS, ids=lambda n: "".join("hfd"[i] if x else "-" for i, x in enumerate(n)))
+@pytest.mark.parametrize("d", [18, 40])
+def test_feedback_step_backward_computes_only_what_is_needed(ext, d, needs_grad):
+    """Unneeded gradients come back None and are not written (their pointer is null: a write would crash the
+    emulation); the needed ones match eager. Without grad_decay the reduction kernel does not run."""
+    B, k, N = 2, 3, 300
+    h, f, decay = _feedback_inputs(B, d, N, torch.float32)
+    _, v = _reference.feedback_step_forward(h, f, decay, k)
+    grad_h, grad_v = torch.randn(B, d, N), torch.randn(B, k, N)
+    ext.take_launch_streams()
+    got = _cuda.launch_feedback_step_backward(ext, STREAM, grad_h, grad_v, f, v, decay, k, needs_grad)
+    launches = len(ext.take_launch_streams())
+    expected = _reference.feedback_step_backward(grad_h, grad_v, f, v, decay, k)
+    for name, need, a, b in zip(("grad_h", "grad_f", "grad_decay"), needs_grad, got, expected):
+        if need:
+            assert_close(name, a, b, torch.float32, summed_over=B * N if name == "grad_decay" else 1)
+        else:
+            assert a is None, name
+    assert launches == (0 if not any(needs_grad) else 1 + needs_grad[2])
+
+
+@pytest.mark.parametrize("needs_grad", [(True, False), (False, True)])
+def test_context_gate_backward_computes_only_what_is_needed(ext, needs_grad):
+    h, a, grad_out = torch.randn(2, 3, 1024), torch.randn(2, 3), torch.randn(2, 3, 1024)
+    got = _cuda.launch_context_gate_backward(ext, STREAM, grad_out, h, a, 0.3, needs_grad)
+    expected = _reference.context_gate_backward(grad_out, h, a, 0.3)
+    for name, need, x, y in zip(("grad_h", "grad_gate_logits"), needs_grad, got, expected):
+        if need:
+            assert_close(name, x, y, torch.float32, summed_over=1024 if name == "grad_gate_logits" else 1)
+        else:
+            assert x is None, name
+
+
+def test_backward_checks_its_partials_workspace(ext):
+    """The workspace size comes from the kernel module; one too small is refused before any launch."""
+    B, d, k, N = 2, 18, 2, 700
+    f, v = torch.randn(B, d, N), torch.rand(B, k, N)
+    decay, grad_decay = torch.randn(d, d), torch.empty(d, d)
+    need = ext.feedback_step_num_partials(B, d, N) * d * d
+    partials = torch.empty(need)
+    grads = [torch.empty(B, d, N) for _ in range(2)]
+    args = (0, v.data_ptr(), f.data_ptr(), v.data_ptr(), decay.data_ptr(), grads[0].data_ptr(), grads[1].data_ptr(),
+            grad_decay.data_ptr(), partials.data_ptr())
+    with pytest.raises(ValueError, match=f"partials workspace must hold .* = {need} elements, got {need - 1}"):
+        ext.feedback_step_backward(*args, need - 1, B, d, N, k, 0, STREAM)
+    with pytest.raises(ValueError, match="null pointer"):
+        ext.feedback_step_backward(*args[:-1], 0, need, B, d, N, k, 0, STREAM)
+    ext.feedback_step_backward(*args, need, B, d, N, k, 0, STREAM)
+
+
+def test_the_emulated_device_has_a_kernel_image(ext):
+    assert ext.kernel_image_error() == ""
+
+
 def test_backward_uses_a_persistent_grid_of_partials(ext):
     """The emulated device holds 8 blocks: more tiles than that are looped over, fewer give one partial each."""
     assert ext.feedback_step_num_partials(16, 18, 512 * 512) == 8

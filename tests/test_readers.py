@@ -205,6 +205,12 @@ def test_speech_errors_name_the_problem(speech_root, tmp_path_factory):
     _write_wav(bad / "slow.wav", np.zeros(100), rate=8_000)
     with pytest.raises(ValueError, match="16000 Hz"):
         read_wav(bad / "slow.wav")
+    for cut in (1, 2):  # mid-sample (an odd byte count) and mid-file (fewer frames than the header says)
+        _write_wav(bad / f"cut{cut}.wav", np.arange(100))
+        data = (bad / f"cut{cut}.wav").read_bytes()
+        (bad / f"cut{cut}.wav").write_bytes(data[:-(cut * 21)])
+        with pytest.raises(ValueError, match=rf"cut{cut}\.wav.*truncated"):
+            read_wav(bad / f"cut{cut}.wav")
     (bad / "junk.wav").write_bytes(b"RIFF....WAVEjunk")
     with pytest.raises(ValueError, match="junk.wav"):
         read_wav(bad / "junk.wav")

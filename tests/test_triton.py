@@ -32,8 +32,12 @@ FEEDBACK_SHAPES = [
     (1, 18, 18, (13,)),
     (3, 33, 3, (2, 3, 5)),
     (1, 64, 1, (4, 10)),
+    (2, 65, 3, (3, 7)),     # 65..128: grad_decay by a matmul on g, not the in-register accumulator
+    (1, 130, 2, (2, 5)),    # > 128: both passes by matmuls
 ]
-GATE_SHAPES = [(1, 3, (5, 7)), (0, 4, (2, 2)), (3, 16, ()), (2, 7, (1, 1)), (2, 5, (11, 13)), (1, 2, (2, 3, 40))]
+# CBL-CNN maps (2x2 .. 16x16 positions, many channels) and rows longer than a chunk.
+GATE_SHAPES = [(1, 3, (5, 7)), (0, 4, (2, 2)), (3, 16, ()), (2, 7, (1, 1)), (2, 5, (11, 13)), (1, 2, (2, 3, 40)),
+               (2, 64, (2, 2)), (3, 33, (4, 4)), (1, 9, (16, 16))]
 
 
 def _feedback_inputs(B, d, spatial, dtype):
@@ -149,6 +153,55 @@ def test_context_gate_gradcheck_float64_and_non_contiguous():
     a = torch.randn(4, 2, dtype=torch.float64).t().requires_grad_()  # [2, 4], strided
     assert torch.autograd.gradcheck(lambda h, a: fbkernels.context_gate(h, a, 0.35, backend="triton"), (h, a))
 
+
+
+@pytest.mark.parametrize("d", [18, 65, 130])
+@pytest.mark.parametrize("needs_grad", [(True, False, False), (False, True, False), (False, False, True),
+                                        (False, True, True)])
+def test_feedback_step_backward_computes_only_what_is_needed(d, needs_grad):
+    from fbkernels import triton as triton_backend
+
+    B, k, N = 2, 3, 70
+    f, grad_h = torch.randn(B, d, N), torch.randn(B, d, N)
+    decay = torch.randn(d, d) / math.sqrt(d)
+    v, grad_v = torch.softmax(torch.randn(B, k, N), dim=1), torch.randn(B, k, N)
+    got = triton_backend.feedback_step_backward(grad_h, grad_v, f, v, decay, k, needs_grad)
+    expected = _reference.feedback_step_backward(grad_h, grad_v, f, v, decay, k)
+    for need, a, b in zip(needs_grad, got, expected):
+        if need:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+        else:
+            assert a is None
+
+
+@pytest.mark.parametrize("needs_grad", [(True, False), (False, True)])
+def test_context_gate_backward_computes_only_what_is_needed(needs_grad):
+    from fbkernels import triton as triton_backend
+
+    h, a, grad_out = torch.randn(2, 5, 100), torch.randn(2, 5), torch.randn(2, 5, 100)
+    got = triton_backend.context_gate_backward(grad_out, h, a, 0.25, needs_grad)
+    for need, x, y in zip(needs_grad, got, _reference.context_gate_backward(grad_out, h, a, 0.25)):
+        if need:
+            torch.testing.assert_close(x, y)
+        else:
+            assert x is None
+
+
+def test_context_gate_tiles_fit_the_map():
+    """BLOCK_N follows the map size (no 512-wide tile for a 4-position CBL-CNN map), rows fill the tile."""
+    from fbkernels.triton.context_gate import _MAX_BLOCK_N, tile_shape
+
+    block_r, block_n, _ = tile_shape(rows=128 * 64, N=4)
+    assert block_n == 16 and block_r * block_n > 16
+    assert tile_shape(rows=2, N=10**6)[1] == _MAX_BLOCK_N
+    assert tile_shape(rows=1, N=4)[0] == 1
+
+
+def test_backward_partials_are_capped():
+    from fbkernels.triton import feedback_step as module
+
+    assert module._ACCUMULATE_MAX_D_PAD <= 64 < module._KERNEL_MAX_D_PAD
+    assert module._MAX_PARTIAL_ELEMENTS // (64 * 64) >= 1
 
 
 def test_kernels_compile_for_an_nvidia_gpu(tmp_path):

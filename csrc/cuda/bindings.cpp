@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
 #include "cuda/kernels.h"
 
@@ -44,16 +45,17 @@ PYBIND11_MODULE(_C_cuda, m) {
       "feedback_step_backward",
       [](std::uintptr_t grad_h, std::uintptr_t grad_v, std::uintptr_t f, std::uintptr_t v, std::uintptr_t decay,
          std::uintptr_t grad_h_in, std::uintptr_t grad_f, std::uintptr_t grad_decay, std::uintptr_t partials,
-         int64_t B, int64_t d, int64_t N, int64_t k, int dtype, std::uintptr_t stream) {
+         int64_t partials_elements, int64_t B, int64_t d, int64_t N, int64_t k, int dtype, std::uintptr_t stream) {
         fc::feedback_step_backward(in_ptr(grad_h), in_ptr(grad_v), in_ptr(f), in_ptr(v), in_ptr(decay),
-                                   out_ptr(grad_h_in), out_ptr(grad_f), out_ptr(grad_decay), out_ptr(partials), B,
-                                   d, N, k, dtype, as_stream(stream));
+                                   out_ptr(grad_h_in), out_ptr(grad_f), out_ptr(grad_decay), out_ptr(partials),
+                                   partials_elements, B, d, N, k, dtype, as_stream(stream));
       },
       py::arg("grad_h"), py::arg("grad_v"), py::arg("f"), py::arg("v"), py::arg("decay"), py::arg("grad_h_in"),
-      py::arg("grad_f"), py::arg("grad_decay"), py::arg("partials"), py::arg("B"), py::arg("d"), py::arg("N"),
-      py::arg("k"), py::arg("dtype"), py::arg("stream"), release_gil,
-      "Gradients of one feedback step; grad_h / grad_v may be 0 (absent). partials: fp32 (fp64 for float64) "
-      "workspace of feedback_step_num_partials(B, d, N) * d * d elements.");
+      py::arg("grad_f"), py::arg("grad_decay"), py::arg("partials"), py::arg("partials_elements"), py::arg("B"),
+      py::arg("d"), py::arg("N"), py::arg("k"), py::arg("dtype"), py::arg("stream"), release_gil,
+      "Gradients of one feedback step; grad_h / grad_v may be 0 (absent), and so may grad_h_in / grad_f / "
+      "grad_decay (not needed: skipped). partials: fp32 (fp64 for float64) workspace of at least "
+      "feedback_step_num_partials(B, d, N) * d * d elements (partials_elements, checked).");
 
   m.def(
       "context_gate_forward",
@@ -78,6 +80,10 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("B"), py::arg("C"), py::arg("N"), py::arg("alpha"), py::arg("dtype"), py::arg("stream"), release_gil,
       "Gradients of the context gate with respect to h and gate_logits.");
 
-  m.def("device_count", &fc::device_count, release_gil,
-        "Number of visible CUDA devices; 0 without a driver or GPU (never raises).");
+  m.def("kernel_image_error", &fc::kernel_image_error, release_gil,
+        "Empty when the current CUDA device runs these kernels, else the runtime's reason (e.g. no kernel image).");
+  m.def(
+      "architectures", [] { return std::string(FBKERNELS_CUDA_ARCHITECTURES); },
+      "The CMake CUDA architectures this module was compiled for, comma-separated, e.g. "
+      "'75-real,80-real,90-real,90-virtual'.");
 }

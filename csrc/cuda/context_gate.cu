@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
       const acc_t scale = alpha + one_minus_alpha * gate;
       const scalar_t* g_row = grad_out + row * N;
       const scalar_t* h_row = h + row * N;
-      scalar_t* grad_h_row = grad_h + row * N;
+      scalar_t* grad_h_row = grad_h != nullptr ? grad_h + row * N : nullptr;
 #pragma unroll 4
       for (int64_t p = lane; p < packs; p += threads_per_row) {
         acc_t g[VEC], x[VEC], y[VEC];
@@ -120,9 +120,10 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
           y[q] = g[q] * scale;
           dot += g[q] * x[q];
         }
-        store_pack<VEC>(grad_h_row + p * VEC, y);
+        if (grad_h != nullptr) store_pack<VEC>(grad_h_row + p * VEC, y);
       }
     }
+    if (grad_gate_logits == nullptr) continue;  // uniform: no thread reaches the sum's barriers
     dot = row_group_sum(dot, threads_per_row, warp_sums);
     if (active && lane == 0) {
       grad_gate_logits[row] = from_acc<scalar_t>(one_minus_alpha * gate * (acc_t(1) - gate) * dot);
@@ -182,13 +183,15 @@ void context_gate_backward(const void* grad_out, const void* h, const void* gate
   check_gate_args(op, B, C, N, alpha);
   const int64_t rows = B * C;
   if (rows == 0) return;
+  // A null grad_h or grad_gate_logits is a gradient nobody needs: skipped.
+  if (grad_h == nullptr && grad_gate_logits == nullptr) return;
   // With N == 0 the kernel still runs: grad_gate_logits is (1 - alpha) * s * (1 - s) * 0, as in the reference.
-  require(gate_logits && grad_gate_logits, op, "null gate_logits or grad_gate_logits pointer");
-  if (N > 0) require(grad_out && h && grad_h, op, "null data pointer");
+  require(gate_logits != nullptr, op, "null gate_logits pointer");
+  if (N > 0) require(grad_out && h, op, "null grad_out or h pointer");
   dispatch_dtype(dtype, op, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = acc_t_of<scalar_t>;
-    with_pack_width<scalar_t>(N, {grad_out, h, grad_h}, [&](auto vec) {
+    with_pack_width<scalar_t>(N, {grad_out, h, grad_h != nullptr ? grad_h : h}, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       const RowLayout layout = row_layout(rows, N / VEC);
       const auto grid = static_cast<unsigned>(std::min(layout.row_blocks, kMaxGridBlocks));

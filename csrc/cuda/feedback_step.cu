@@ -36,7 +36,6 @@ constexpr int kForwardSmallMaxD = 64;         // forward: largest d of the regis
 constexpr int kBackwardSmallMaxD = 32;        // backward: likewise
 constexpr int64_t kPartialTilePositions = 128;  // backward tile size for 4-byte accumulators (see num_partials)
 constexpr int64_t kMaxPartialElements = int64_t(1) << 24;  // workspace cap: 64 MiB of fp32 partials
-constexpr int kFallbackResidentBlocks = 1024;
 constexpr int kReduceX = 32, kReduceY = 32;   // partial-sum reduction block: 32 elements x 32 partial slices
 
 // Backward block size = positions per tile: 128 for 4-byte accumulators, 64 for double (same shared memory).
@@ -343,6 +342,8 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
   const int col0 = (micro % tiles_1d) * 4;
   acc_t dm[4][4] = {};
   const int soft_begin = dd - kk;
+  // Null outputs are gradients autograd does not need: their work is skipped (uniform over the grid).
+  const bool want_decay = partials != nullptr;
   __syncthreads();
 
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {  // uniform: every thread syncs
@@ -354,7 +355,7 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
       const int64_t base = b * d * N + n;
       acc_t f_reg[DMAX], g[DMAX];
 #pragma unroll
-      for (int i = 0; i < DMAX; ++i) f_reg[i] = (i < dd) ? to_acc(f[base + i * N]) : acc_t(0);
+      for (int i = 0; i < DMAX; ++i) f_reg[i] = (want_decay && i < dd) ? to_acc(f[base + i * N]) : acc_t(0);
 #pragma unroll
       for (int i = 0; i < DMAX; ++i) g[i] = (grad_h != nullptr && i < dd) ? to_acc(grad_h[base + i * N]) : acc_t(0);
       if (grad_v != nullptr) {
@@ -378,16 +379,20 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
           for (int q = 0; q < 4; ++q) g[i + q] = gq[q];
         }
       }
+      if (grad_h_in != nullptr) {
 #pragma unroll
-      for (int i = 0; i < DMAX; ++i) {
-        if (i < dd) grad_h_in[base + i * N] = from_acc<scalar_t>(g[i]);
+        for (int i = 0; i < DMAX; ++i) {
+          if (i < dd) grad_h_in[base + i * N] = from_acc<scalar_t>(g[i]);
+        }
       }
+      if (grad_f != nullptr) {
 #pragma unroll 1
-      for (int i = 0; i < dd; ++i) {
-        acc_t s = acc_t(0);
+        for (int i = 0; i < dd; ++i) {
+          acc_t s = acc_t(0);
 #pragma unroll
-        for (int j = 0; j < DMAX; ++j) s = fma_acc(mt_s[i * DMAX + j], g[j], s);
-        grad_f[base + i * N] = from_acc<scalar_t>(s);
+          for (int j = 0; j < DMAX; ++j) s = fma_acc(mt_s[i * DMAX + j], g[j], s);
+          grad_f[base + i * N] = from_acc<scalar_t>(s);
+        }
       }
 #pragma unroll
       for (int i = 0; i < DMAX; i += 4) {
@@ -405,7 +410,7 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
       }
     }
     __syncthreads();
-    if (accumulates) {
+    if (want_decay && accumulates) {
       for (int p = slice; p < T; p += slices) {
         accumulate_micro_tile(g_s + p * kStride + row0, f_s + p * kStride + col0, dm);
       }
@@ -413,6 +418,7 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
     __syncthreads();  // g_s / f_s are rewritten by the next tile (or reused by the epilogue)
   }
 
+  if (!want_decay) return;
   // Epilogue: thread tid = slice * num_micro + micro parks its sums at work[tid * 16 ...].
   acc_t* red = work;
 #pragma unroll
@@ -458,8 +464,10 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
   const int soft_begin = dd - kk;
   const int row0 = (tid / kColGroups) * 4;
   const int col0 = (tid % kColGroups) * MTC;
-  acc_t* partial = partials + int64_t(blockIdx.x) * dd * dd;
-  for (int r0 = 0; r0 < dd; r0 += kChunk) {
+  // Null outputs are gradients autograd does not need: their work is skipped (uniform over the grid).
+  const bool want_decay = partials != nullptr;
+  acc_t* partial = want_decay ? partials + int64_t(blockIdx.x) * dd * dd : nullptr;
+  for (int r0 = 0; want_decay && r0 < dd; r0 += kChunk) {
     for (int c0 = 0; c0 < dd; c0 += kChunk) {
 #pragma unroll
       for (int a = 0; a < 4; ++a) {
@@ -488,10 +496,10 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
       return g;
     };
 
-    if (active) {
+    if (active && grad_h_in != nullptr) {
       for (int i = 0; i < dd; ++i) grad_h_in[base + i * N] = from_acc<scalar_t>(g_at(i));
     }
-    for (int i0 = 0; i0 < dd; i0 += kChunk) {
+    for (int i0 = 0; grad_f != nullptr && i0 < dd; i0 += kChunk) {
       acc_t acc[kChunk];
       chunk_matvec<true>(m_tile, decay, dd, i0, active, g_at, acc);
       if (active) {
@@ -502,7 +510,7 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
       }
     }
 
-    for (int r0 = 0; r0 < dd; r0 += kChunk) {
+    for (int r0 = 0; want_decay && r0 < dd; r0 += kChunk) {
       __syncthreads();  // the previous chunk's readers are done with g_s
 #pragma unroll
       for (int ii = 0; ii < kChunk; ii += 4) {
@@ -577,13 +585,10 @@ const void* backward_kernel_for_occupancy(int64_t d) {
 
 // How many blocks of the backward's main kernel the current device runs at once (SMs x blocks per SM), cached
 // per (device, kernel). The backward launches at most this many blocks, each looping over many tiles, so the
-// [d, d] partials stay few and no wave of blocks runs half empty.
+// [d, d] partials stay few and no wave of blocks runs half empty. A failing CUDA query throws.
 int64_t resident_backward_blocks(int64_t d) {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    return kFallbackResidentBlocks;
-  }
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   const void* kernel = backward_kernel_for_occupancy(d);
   static std::mutex mutex;
   static std::map<std::pair<int, const void*>, int64_t> cache;
@@ -592,12 +597,9 @@ int64_t resident_backward_blocks(int64_t d) {
   const auto found = cache.find(key);
   if (found != cache.end()) return found->second;
   int sms = 0, per_sm = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, BackwardThreads<float>::value, 0) !=
-          cudaSuccess) {
-    cudaGetLastError();
-    return kFallbackResidentBlocks;
-  }
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, BackwardThreads<float>::value, 0),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   const int64_t blocks = std::max<int64_t>(1, int64_t(sms) * std::max(1, per_sm));
   cache.emplace(key, blocks);
   return blocks;
@@ -666,6 +668,7 @@ void launch_backward(const scalar_t* grad_h, const scalar_t* grad_v, const scala
         grad_h, grad_v, f, v, decay, grad_h_in, grad_f, partials, d, N, k, tiles_per_batch, num_tiles);
     check_launch("feedback_backward_generic_kernel");
   }
+  if (grad_decay == nullptr) return;
   const int64_t elems = d * d;
   const auto reduce_grid = static_cast<unsigned>(ceil_div(elems, kReduceX));
   reduce_partials_kernel<scalar_t>
@@ -702,13 +705,24 @@ void feedback_step_forward(const void* h, const void* f, const void* decay, void
 }
 
 void feedback_step_backward(const void* grad_h, const void* grad_v, const void* f, const void* v, const void* decay,
-                            void* grad_h_in, void* grad_f, void* grad_decay, void* partials, int64_t B, int64_t d,
-                            int64_t N, int64_t k, int dtype, cudaStream_t stream) {
+                            void* grad_h_in, void* grad_f, void* grad_decay, void* partials,
+                            int64_t partials_elements, int64_t B, int64_t d, int64_t N, int64_t k, int dtype,
+                            cudaStream_t stream) {
   const char* op = "feedback_step_backward";
   check_feedback_sizes(op, B, d, N, k);
-  require(decay && grad_decay && partials, op, "null decay, grad_decay or partials pointer");
-  if (B > 0 && N > 0) require(f && v && grad_h_in && grad_f, op, "null data pointer");
+  require(decay != nullptr, op, "null decay pointer");
+  if (B > 0 && N > 0) require(f && v, op, "null f or v pointer");
+  // The grid is one block per partial whether or not grad_decay is wanted.
   const int64_t num_partials = feedback_step_num_partials(B, d, N);
+  if (grad_decay != nullptr) {
+    require(partials != nullptr && partials_elements >= num_partials * d * d, op,
+            "the partials workspace must hold feedback_step_num_partials(B, d, N) * d * d = " +
+                std::to_string(num_partials * d * d) + " elements, got " + std::to_string(partials_elements) +
+                (partials == nullptr ? " (null pointer)" : ""));
+  } else {
+    partials = nullptr;  // no grad_decay: no partial sums either
+  }
+  if (grad_h_in == nullptr && grad_f == nullptr && grad_decay == nullptr) return;
   dispatch_dtype(dtype, op, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using acc_t = acc_t_of<scalar_t>;
@@ -720,13 +734,12 @@ void feedback_step_backward(const void* grad_h, const void* grad_v, const void* 
   });
 }
 
-int device_count() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // no driver / no device is not an error here
-    return 0;
-  }
-  return count;
+std::string kernel_image_error() {
+  cudaFuncAttributes attributes;
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, backward_kernel_for_occupancy(18));
+  if (err == cudaSuccess) return std::string();
+  cudaGetLastError();  // a missing image is an answer here, not a failure to carry into the next launch
+  return cudaGetErrorString(err);
 }
 
 }  // namespace cuda

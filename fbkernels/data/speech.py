@@ -38,6 +38,11 @@ def read_wav(path, *, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
         raise ValueError(f"{path!r}: expected mono 16-bit PCM, got {channels} channel(s) of {8 * width}-bit samples")
     if rate != sample_rate:
         raise ValueError(f"{path!r}: expected a {sample_rate} Hz sample rate, got {rate} Hz")
+    if len(raw) != frames * width:
+        raise ValueError(
+            f"{path!r} is truncated: its header announces {frames} samples ({frames * width} bytes), the file holds "
+            f"{len(raw)} bytes of sample data"
+        )
     samples = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
     return torch.from_numpy(samples)
 

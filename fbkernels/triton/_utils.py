@@ -61,11 +61,6 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def dtype_flags(dtype: torch.dtype) -> dict:
-    """Constexpr flags telling a kernel its input dtype: fp64 computes in fp64, everything else in fp32."""
-    return {"IS_FP32": dtype == torch.float32, "IS_FP64": dtype == torch.float64}
-
-
 def partial_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of reduction workspaces: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -5,9 +5,10 @@ Canonical layout: h, out, grad_out, grad_h: [B, C, N] contiguous; gate_logits a,
 
 Every (b, c) row is one gate scale times N positions, so both passes are elementwise streams over h: the forward
 reads h once and writes out once; the backward reads grad_out and h once, writes grad_h once and reduces
-``sum_n grad_out * h`` per row. That reduction is deterministic without atomics: each program owns a fixed chunk of
-one row and writes one fp32 (fp64 for float64) partial, and a second kernel sums a row's partials in chunk order
-and applies ``(1 - alpha) * s * (1 - s)``.
+``sum_n grad_out * h`` per row. A program owns a [BLOCK_R rows, BLOCK_N positions] tile, BLOCK_N sized from N, so
+the short rows of CBL-CNN maps (4..256 positions) fill the lanes with several rows. The reduction is deterministic
+without atomics: each program owns a fixed chunk of its rows and writes one fp32 (fp64 for float64) partial per
+row, and a second kernel sums a row's partials in chunk order and applies ``(1 - alpha) * s * (1 - s)``.
 """
 from __future__ import annotations
 
@@ -18,28 +19,22 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ._utils import (
-    INTERPRETING,
-    check_launchable,
-    device_guard,
-    dtype_flags,
-    kernel_is_interpreted,
-    partial_dtype,
-    upcast,
-)
+from ._utils import INTERPRETING, check_launchable, device_guard, kernel_is_interpreted, partial_dtype, upcast
 
-# Positions per backward partial: fixed (not tuned) so the partials workspace is sized before autotuning runs.
-# Small under the interpreter so the test shapes span several chunks and blocks.
+# Positions per backward partial (a multiple of BLOCK_N): one fp32 partial per (row, chunk) keeps the reduction
+# over N deterministic without atomics. Small under the interpreter so the test shapes span several chunks.
 _CHUNK = 64 if INTERPRETING else 8192
+# Elements of one program's [BLOCK_R, BLOCK_N] tile: 16 (fp32) values a thread at 4 warps.
+_TILE_ELEMENTS = 64 if INTERPRETING else 2048
+_MAX_BLOCK_N = 16 if INTERPRETING else 1024
 
 
-def _configs():
-    if INTERPRETING:
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=nw) for bn in (512, 1024, 2048) for nw in (4, 8)]
-
-
-_AUTOTUNE = dict(configs=_configs(), key=["N"])
+def tile_shape(rows: int, N: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_N, num_warps) for a [rows, N] map: BLOCK_N covers the row (CBL-CNN maps have 4..256
+    positions) up to _MAX_BLOCK_N, and several rows share a program so no lane idles on short rows."""
+    block_n = min(max(triton.next_power_of_2(max(N, 1)), 16), _MAX_BLOCK_N)
+    block_r = min(max(1, _TILE_ELEMENTS // block_n), triton.next_power_of_2(max(rows, 1)))
+    return block_r, block_n, 4
 
 
 def _split_alpha(alpha: float) -> tuple[float, float]:
@@ -49,71 +44,81 @@ def _split_alpha(alpha: float) -> tuple[float, float]:
 
 
 @triton.jit
-def _gate_scale(gate_logits_ptr, row, alpha_head, alpha_tail, IS_FP64: tl.constexpr):
-    """(alpha, s, alpha + (1 - alpha) * s) for row (b, c), s = sigmoid(a[b, c]), in the compute dtype."""
-    a = upcast(tl.load(gate_logits_ptr + row), IS_FP64)
+def _gate_scale(gate_logits_ptr, rows, row_ok, alpha_head, alpha_tail, IS_FP64: tl.constexpr):
+    """(alpha, s, alpha + (1 - alpha) * s) for the rows (b, c) given, s = sigmoid(a[b, c]), in the compute dtype."""
+    a = upcast(tl.load(gate_logits_ptr + rows, mask=row_ok, other=0.0), IS_FP64)
     alpha = upcast(alpha_head, IS_FP64) + upcast(alpha_tail, IS_FP64)
     s = 1.0 / (1.0 + tl.exp(-a))
     return alpha, s, alpha + (1.0 - alpha) * s
 
 
-@triton.autotune(**_AUTOTUNE)
 @triton.jit
 def _context_gate_forward_kernel(
-    h_ptr, gate_logits_ptr, out_ptr, N, alpha_head, alpha_tail,
-    IS_FP32: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_N: tl.constexpr,
+    h_ptr, gate_logits_ptr, out_ptr, num_rows, N, alpha_head, alpha_tail,
+    IS_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (row, n-block): out[row, n-block] = h[row, n-block] * scale[row]; row = b * C + c."""
+    """Program (row block, n-block): out[rows, n-block] = h[rows, n-block] * scale[rows]; row = b * C + c."""
     pid = tl.program_id(0).to(tl.int64)  # int64 offsets: B * C * N may exceed 2^31
     num_n_blocks = tl.cdiv(N, BLOCK_N)
-    row = pid // num_n_blocks
-    pos = (pid - row * num_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = pos < N
-    _, _, scale = _gate_scale(gate_logits_ptr, row, alpha_head, alpha_tail, IS_FP64)
-    offsets = row * N + pos
+    row_block = pid // num_n_blocks
+    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    pos = (pid - row_block * num_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_rows
+    mask = row_ok[:, None] & (pos < N)[None, :]
+    _, _, scale = _gate_scale(gate_logits_ptr, rows, row_ok, alpha_head, alpha_tail, IS_FP64)
+    offsets = rows[:, None] * N + pos[None, :]
     h = upcast(tl.load(h_ptr + offsets, mask=mask, other=0.0), IS_FP64)
-    tl.store(out_ptr + offsets, (h * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offsets, (h * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(**_AUTOTUNE)
 @triton.jit
 def _context_gate_backward_kernel(
-    grad_out_ptr, h_ptr, gate_logits_ptr, grad_h_ptr, partial_ptr, N, num_chunks, alpha_head, alpha_tail,
-    CHUNK: tl.constexpr, IS_FP32: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_N: tl.constexpr,
+    grad_out_ptr, h_ptr, gate_logits_ptr, grad_h_ptr, partial_ptr, num_rows, N, num_chunks, alpha_head, alpha_tail,
+    WRITE_GRAD_H: tl.constexpr, WRITE_PARTIALS: tl.constexpr, CHUNK: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (row, chunk): grad_h = grad_out * scale over the chunk; partial[row, chunk] = sum grad_out * h."""
+    """Program (row block, chunk): grad_h = grad_out * scale over the chunk (WRITE_GRAD_H);
+    partial[row, chunk] = sum over the chunk of grad_out * h (WRITE_PARTIALS)."""
     pid = tl.program_id(0).to(tl.int64)
-    row = pid // num_chunks
-    chunk_start = (pid - row * num_chunks) * CHUNK
-    _, _, scale = _gate_scale(gate_logits_ptr, row, alpha_head, alpha_tail, IS_FP64)
-    acc = upcast(tl.zeros([BLOCK_N], dtype=partial_ptr.dtype.element_ty), IS_FP64)
+    row_block = pid // num_chunks
+    chunk = pid - row_block * num_chunks
+    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    _, _, scale = _gate_scale(gate_logits_ptr, rows, row_ok, alpha_head, alpha_tail, IS_FP64)
+    acc = upcast(tl.zeros([BLOCK_R, BLOCK_N], dtype=partial_ptr.dtype.element_ty), IS_FP64)
     for start in range(0, CHUNK, BLOCK_N):
-        pos = chunk_start + start + tl.arange(0, BLOCK_N)
-        mask = pos < N
-        offsets = row * N + pos
+        pos = chunk * CHUNK + start + tl.arange(0, BLOCK_N)
+        mask = row_ok[:, None] & (pos < N)[None, :]
+        offsets = rows[:, None] * N + pos[None, :]
         g = upcast(tl.load(grad_out_ptr + offsets, mask=mask, other=0.0), IS_FP64)
-        h = upcast(tl.load(h_ptr + offsets, mask=mask, other=0.0), IS_FP64)
-        tl.store(grad_h_ptr + offsets, (g * scale).to(grad_h_ptr.dtype.element_ty), mask=mask)
-        acc += g * h
-    tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+        if WRITE_GRAD_H:
+            tl.store(grad_h_ptr + offsets, (g * scale[:, None]).to(grad_h_ptr.dtype.element_ty), mask=mask)
+        if WRITE_PARTIALS:
+            h = upcast(tl.load(h_ptr + offsets, mask=mask, other=0.0), IS_FP64)
+            acc += g * h
+    if WRITE_PARTIALS:
+        tl.store(partial_ptr + rows * num_chunks + chunk, tl.sum(acc, axis=1), mask=row_ok)
 
 
 @triton.jit
 def _context_gate_grad_logits_kernel(
-    partial_ptr, gate_logits_ptr, grad_gate_logits_ptr, num_chunks, alpha_head, alpha_tail,
-    IS_FP64: tl.constexpr,
+    partial_ptr, gate_logits_ptr, grad_gate_logits_ptr, num_rows, num_chunks, alpha_head, alpha_tail,
+    IS_FP64: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Program row: grad_a[row] = (1 - alpha) * s * (1 - s) * sum_chunk partial[row, chunk], in chunk order."""
-    row = tl.program_id(0).to(tl.int64)
-    alpha, s, _ = _gate_scale(gate_logits_ptr, row, alpha_head, alpha_tail, IS_FP64)
-    total = tl.load(partial_ptr + row * num_chunks)
+    """Program (row block): grad_a[row] = (1 - alpha) * s * (1 - s) * sum_chunk partial[row, chunk], in chunk
+    order."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    alpha, s, _ = _gate_scale(gate_logits_ptr, rows, row_ok, alpha_head, alpha_tail, IS_FP64)
+    total = tl.load(partial_ptr + rows * num_chunks, mask=row_ok, other=0.0)
     for chunk in range(1, num_chunks):
-        total += tl.load(partial_ptr + row * num_chunks + chunk)
+        total += tl.load(partial_ptr + rows * num_chunks + chunk, mask=row_ok, other=0.0)
     grad = (1.0 - alpha) * s * (1.0 - s) * total
-    tl.store(grad_gate_logits_ptr + row, grad.to(grad_gate_logits_ptr.dtype.element_ty))
+    tl.store(grad_gate_logits_ptr + rows, grad.to(grad_gate_logits_ptr.dtype.element_ty), mask=row_ok)
 
 
 _INTERPRETED = kernel_is_interpreted(_context_gate_forward_kernel)
+_GRAD_LOGITS_ROWS = 128
 
 
 @triton_op("fbkernels::context_gate_forward_triton", mutates_args=())
@@ -124,38 +129,47 @@ def _context_gate_forward_op(h: Tensor, gate_logits: Tensor, alpha: float) -> Te
         return out
     check_launchable(h, _INTERPRETED)
     alpha_head, alpha_tail = _split_alpha(alpha)
-
-    def grid(meta):
-        return (B * C * triton.cdiv(N, meta["BLOCK_N"]),)
-
+    block_r, block_n, warps = tile_shape(B * C, N)
+    grid = (triton.cdiv(B * C, block_r) * triton.cdiv(N, block_n),)
     with device_guard(h.device):
         wrap_triton(_context_gate_forward_kernel)[grid](
-            h, gate_logits, out, N, alpha_head, alpha_tail, **dtype_flags(h.dtype)
+            h, gate_logits, out, B * C, N, alpha_head, alpha_tail, IS_FP64=h.dtype == torch.float64,
+            BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
         )
     return out
 
 
 @triton_op("fbkernels::context_gate_backward_triton", mutates_args=())
-def _context_gate_backward_op(grad_out: Tensor, h: Tensor, gate_logits: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+def _context_gate_backward_op(
+    grad_out: Tensor, h: Tensor, gate_logits: Tensor, alpha: float, needs_grad: list[bool]
+) -> tuple[Tensor, Tensor]:
+    """Gradients in needs_grad order (grad_h, grad_gate_logits); one not needed is an empty placeholder."""
     B, C, N = h.shape
-    grad_h = torch.empty_like(h)
-    grad_gate_logits = torch.empty_like(gate_logits)
-    if B * C == 0:
+    need_h, need_gate = needs_grad
+    grad_h = torch.empty_like(h) if need_h else h.new_empty(0)
+    grad_gate_logits = torch.empty_like(gate_logits) if need_gate else gate_logits.new_empty(0)
+    if B * C == 0 or not (need_h or need_gate):
         return grad_h, grad_gate_logits
     if N == 0:  # no position: the sum over positions is empty
-        return grad_h, grad_gate_logits.zero_()
+        return grad_h, grad_gate_logits.zero_() if need_gate else grad_gate_logits
     check_launchable(h, _INTERPRETED)
     alpha_head, alpha_tail = _split_alpha(alpha)
-    num_chunks = triton.cdiv(N, _CHUNK)
-    partials = torch.empty((B * C, num_chunks), dtype=partial_dtype(h.dtype), device=h.device)
-    flags = dtype_flags(h.dtype)
+    block_r, block_n, warps = tile_shape(B * C, N)
+    chunk = min(_CHUNK, block_n * triton.cdiv(N, block_n))  # no loop over a chunk's masked-off tail
+    num_chunks = triton.cdiv(N, chunk)
+    is_fp64 = h.dtype == torch.float64
+    partials = torch.empty((B * C, num_chunks) if need_gate else (0,), dtype=partial_dtype(h.dtype), device=h.device)
     with device_guard(h.device):
-        wrap_triton(_context_gate_backward_kernel)[(B * C * num_chunks,)](
-            grad_out, h, gate_logits, grad_h, partials, N, num_chunks, alpha_head, alpha_tail, CHUNK=_CHUNK, **flags
+        wrap_triton(_context_gate_backward_kernel)[(triton.cdiv(B * C, block_r) * num_chunks,)](
+            grad_out, h, gate_logits, grad_h if need_h else grad_out, partials, B * C, N, num_chunks,
+            alpha_head, alpha_tail, WRITE_GRAD_H=need_h, WRITE_PARTIALS=need_gate, CHUNK=chunk, IS_FP64=is_fp64,
+            BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
         )
-        wrap_triton(_context_gate_grad_logits_kernel)[(B * C,)](
-            partials, gate_logits, grad_gate_logits, num_chunks, alpha_head, alpha_tail, IS_FP64=flags["IS_FP64"]
-        )
+        if need_gate:
+            wrap_triton(_context_gate_grad_logits_kernel)[(triton.cdiv(B * C, _GRAD_LOGITS_ROWS),)](
+                partials, gate_logits, grad_gate_logits, B * C, num_chunks, alpha_head, alpha_tail,
+                IS_FP64=is_fp64, BLOCK_R=_GRAD_LOGITS_ROWS,
+            )
     return grad_h, grad_gate_logits
 
 
@@ -164,6 +178,9 @@ def context_gate_forward(h: Tensor, gate_logits: Tensor, alpha: float) -> Tensor
     return torch.ops.fbkernels.context_gate_forward_triton(h, gate_logits, float(alpha))
 
 
-def context_gate_backward(grad_out: Tensor, h: Tensor, gate_logits: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """(grad_h [B, C, N], grad_gate_logits [B, C]) of the context gate."""
-    return torch.ops.fbkernels.context_gate_backward_triton(grad_out, h, gate_logits, float(alpha))
+def context_gate_backward(grad_out: Tensor, h: Tensor, gate_logits: Tensor, alpha: float,
+                          needs_grad=(True, True)) -> tuple[Tensor | None, Tensor | None]:
+    """(grad_h [B, C, N], grad_gate_logits [B, C]) of the context gate, None where needs_grad says not needed."""
+    needs = [bool(n) for n in needs_grad]
+    grads = torch.ops.fbkernels.context_gate_backward_triton(grad_out, h, gate_logits, float(alpha), needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))

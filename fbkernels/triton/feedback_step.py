@@ -9,6 +9,11 @@ cores) for float16 and bfloat16 at d >= 16, and rank-1 FMA updates over the inpu
 float64, small d). The backward's dL/dM = sum_{b,n} g f^T is reduced without atomics: a persistent
 kernel accumulates one [d, d] partial per program in registers, and a second kernel sums the partials in a
 fixed order (bitwise reproducible for a given config and device).
+
+Routing by channel count (D_PAD = next power of two >= d): up to 64 the kernels do everything; from 65 to 128 the
+[D_PAD, D_PAD] accumulator would no longer fit in registers, so the backward kernel writes g and grad_f and
+dL/dM = sum_b g f^T is one fp32 matmul; above 128 even a [D_PAD, BLOCK_N] tile spills, and both passes are the
+eager computation in the compute dtype (matmuls: at that size the op is compute-bound, and cuBLAS is the right tool).
 """
 from __future__ import annotations
 
@@ -18,11 +23,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .. import _reference
 from ._utils import (
     INTERPRETING,
     check_launchable,
     device_guard,
-    dtype_flags,
     kernel_is_interpreted,
     max_resident_programs,
     partial_dtype,
@@ -38,6 +43,12 @@ _DOT_DTYPES = (torch.float16, torch.bfloat16)
 # Largest BLOCK_N of any config: the persistent backward sizes its grid with it, so every program gets a tile.
 _MAX_BLOCK_N = 256
 _SUM_BLOCK = 256
+# Largest D_PAD whose [D_PAD, D_PAD] grad_decay accumulator stays in the backward kernel's registers, and largest
+# D_PAD the kernels run at all (see the module docstring).
+_ACCUMULATE_MAX_D_PAD = 64
+_KERNEL_MAX_D_PAD = 128
+# Cap of the backward's partials workspace: 64 MiB of fp32.
+_MAX_PARTIAL_ELEMENTS = 1 << 24
 
 
 def _values_per_thread_budget(backward: bool, use_dot: bool, d_pad: int, is_fp64: bool) -> int:
@@ -60,8 +71,10 @@ def _configs():
     return [triton.Config({"BLOCK_N": bn}, num_warps=nw) for bn in (32, 64, 128, _MAX_BLOCK_N) for nw in (4, 8)]
 
 
-def _values_per_thread(config, d_pad: int) -> float:
-    return d_pad * config.kwargs["BLOCK_N"] / (32 * config.num_warps)
+def _values_per_thread(config, d_pad: int, accumulator: bool = False) -> float:
+    """[D_PAD, BLOCK_N] tile values a thread holds, plus its share of a [D_PAD, D_PAD] accumulator."""
+    values = d_pad * config.kwargs["BLOCK_N"] + (d_pad * d_pad if accumulator else 0)
+    return values / (32 * config.num_warps)
 
 
 def _config_pruner(backward: bool):
@@ -71,9 +84,10 @@ def _config_pruner(backward: bool):
         def flag(name, default):
             return named_args.get(name, kwargs.get(name, default))
         d_pad = flag("D_PAD", 16)
+        accumulator = backward and flag("ACC_DECAY", True)
         limit = _values_per_thread_budget(backward, flag("USE_DOT", False), d_pad, flag("IS_FP64", False))
-        fitting = [c for c in configs if _values_per_thread(c, d_pad) <= limit]
-        return fitting or [min(configs, key=lambda c: _values_per_thread(c, d_pad))]
+        fitting = [c for c in configs if _values_per_thread(c, d_pad, accumulator) <= limit]
+        return fitting or [min(configs, key=lambda c: _values_per_thread(c, d_pad, accumulator))]
     return prune
 
 
@@ -88,8 +102,7 @@ _BACKWARD_AUTOTUNE = dict(configs=_configs(), key=["d", "N"],
 def _feedback_step_forward_kernel(
     h_ptr, f_ptr, decay_ptr, h_next_ptr, v_ptr,
     d, N, num_feedback,
-    D_PAD: tl.constexpr, USE_DOT: tl.constexpr, IS_FP32: tl.constexpr, IS_FP64: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    D_PAD: tl.constexpr, USE_DOT: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program = positions [n0, n0 + BLOCK_N) of batch b, all d channels."""
     pid = tl.program_id(0).to(tl.int64)  # int64 from here on: offsets may exceed 2^31
@@ -137,11 +150,12 @@ def _feedback_step_backward_kernel(
     grad_h_in_ptr, grad_f_ptr, partial_ptr,
     B, d, N, num_feedback, num_programs,
     HAS_GRAD_H: tl.constexpr, HAS_GRAD_V: tl.constexpr,
-    D_PAD: tl.constexpr, USE_DOT: tl.constexpr, IS_FP32: tl.constexpr, IS_FP64: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    WRITE_G: tl.constexpr, WRITE_GRAD_F: tl.constexpr, ACC_DECAY: tl.constexpr,
+    D_PAD: tl.constexpr, USE_DOT: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Persistent: program p handles tiles p, p + P, ... (tile = BLOCK_N positions of one b) and writes
-    grad_h_in = g, grad_f = M^T g per tile, and partial[p] = sum over its tiles of g f^T ([d, d])."""
+    grad_h_in = g (WRITE_G), grad_f = M^T g (WRITE_GRAD_F) per tile, and partial[p] = sum over its tiles of g f^T
+    ([d, d], ACC_DECAY). Only what is asked for is computed."""
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(N, BLOCK_N)
     num_tiles = tl.cast(num_n_blocks, tl.int64) * B
@@ -154,7 +168,8 @@ def _feedback_step_backward_kernel(
     if USE_DOT:
         # M^T as a [D_PAD, D_PAD] tile, loaded once per program: decay_t[i, j] = M[j, i].
         decay_t = tl.load(decay_ptr + chan[None, :] * d + chan[:, None], mask=square_mask, other=0.0)
-    grad_decay = upcast(tl.zeros([D_PAD, D_PAD], dtype=partial_ptr.dtype.element_ty), IS_FP64)
+    if ACC_DECAY:
+        grad_decay = upcast(tl.zeros([D_PAD, D_PAD], dtype=partial_ptr.dtype.element_ty), IS_FP64)
 
     for tile in range(pid, num_tiles, num_programs):
         tile = tl.cast(tile, tl.int64)
@@ -178,30 +193,36 @@ def _feedback_step_backward_kernel(
             v_dot_grad = tl.sum(v * grad_v, axis=0)
             # where(): a NaN/Inf in v_dot_grad must not leak into the non-feedback rows through 0 * NaN.
             g += tl.where(is_feedback[:, None], v * (grad_v - v_dot_grad[None, :]), 0.0)
-        tl.store(grad_h_in_ptr + tile_offsets, g.to(grad_h_in_ptr.dtype.element_ty), mask=tile_mask)
+        if WRITE_G:
+            tl.store(grad_h_in_ptr + tile_offsets, g.to(grad_h_in_ptr.dtype.element_ty), mask=tile_mask)
 
         if USE_DOT:
-            f = tl.load(f_ptr + tile_offsets, mask=tile_mask, other=0.0)
             g_in = g.to(f_ptr.dtype.element_ty)  # tensor cores take the input dtype; accumulation stays fp32
-            grad_f = tl.dot(decay_t, g_in, tl.zeros([D_PAD, BLOCK_N], dtype=tl.float32))
-            tl.store(grad_f_ptr + tile_offsets, grad_f.to(grad_f_ptr.dtype.element_ty), mask=tile_mask)
-            grad_decay = tl.dot(g_in, tl.trans(f), grad_decay)
-        else:
+            if WRITE_GRAD_F:
+                grad_f = tl.dot(decay_t, g_in, tl.zeros([D_PAD, BLOCK_N], dtype=tl.float32))
+                tl.store(grad_f_ptr + tile_offsets, grad_f.to(grad_f_ptr.dtype.element_ty), mask=tile_mask)
+            if ACC_DECAY:
+                f = tl.load(f_ptr + tile_offsets, mask=tile_mask, other=0.0)
+                grad_decay = tl.dot(g_in, tl.trans(f), grad_decay)
+        elif WRITE_GRAD_F or ACC_DECAY:
             # Per input channel j: grad_f[j, :] = M[:, j] . g (reduce over rows); dM[:, j] += g . f[j, :].
             f_row_ptr = f_ptr + batch_base + pos
             grad_f_row_ptr = grad_f_ptr + batch_base + pos
             for j in range(d):
-                f_row = upcast(tl.load(f_row_ptr, mask=pos_ok, other=0.0), IS_FP64)
-                decay_col = upcast(tl.load(decay_ptr + chan * d + j, mask=chan_ok, other=0.0), IS_FP64)
-                grad_f_row = tl.sum(decay_col[:, None] * g, axis=0)
-                tl.store(grad_f_row_ptr, grad_f_row.to(grad_f_ptr.dtype.element_ty), mask=pos_ok)
-                grad_decay_col = tl.sum(g * f_row[None, :], axis=1)
-                grad_decay += tl.where(chan[None, :] == j, grad_decay_col[:, None], 0.0)
+                if WRITE_GRAD_F:
+                    decay_col = upcast(tl.load(decay_ptr + chan * d + j, mask=chan_ok, other=0.0), IS_FP64)
+                    grad_f_row = tl.sum(decay_col[:, None] * g, axis=0)
+                    tl.store(grad_f_row_ptr, grad_f_row.to(grad_f_ptr.dtype.element_ty), mask=pos_ok)
+                if ACC_DECAY:
+                    f_row = upcast(tl.load(f_row_ptr, mask=pos_ok, other=0.0), IS_FP64)
+                    grad_decay_col = tl.sum(g * f_row[None, :], axis=1)
+                    grad_decay += tl.where(chan[None, :] == j, grad_decay_col[:, None], 0.0)
                 f_row_ptr += N
                 grad_f_row_ptr += N
 
-    partial_offsets = pid.to(tl.int64) * d * d + chan[:, None] * d + chan[None, :]
-    tl.store(partial_ptr + partial_offsets, grad_decay, mask=square_mask)
+    if ACC_DECAY:
+        partial_offsets = pid.to(tl.int64) * d * d + chan[:, None] * d + chan[None, :]
+        tl.store(partial_ptr + partial_offsets, grad_decay, mask=square_mask)
 
 
 _FORWARD_INTERPRETED = kernel_is_interpreted(_feedback_step_forward_kernel)
@@ -209,7 +230,11 @@ _FORWARD_INTERPRETED = kernel_is_interpreted(_feedback_step_forward_kernel)
 
 def _launch_flags(x: Tensor, d: int) -> dict:
     use_dot = d >= _DOT_MIN_CHANNELS and x.dtype in _DOT_DTYPES
-    return dict(D_PAD=max(triton.next_power_of_2(d), 2), USE_DOT=use_dot, **dtype_flags(x.dtype))
+    return dict(D_PAD=_d_pad(d), USE_DOT=use_dot, IS_FP64=x.dtype == torch.float64)
+
+
+def _d_pad(d: int) -> int:
+    return max(triton.next_power_of_2(d), 2)
 
 
 @triton_op("fbkernels::feedback_step_forward_triton", mutates_args=())
@@ -220,6 +245,11 @@ def _feedback_step_forward_op(h: Tensor, f: Tensor, decay: Tensor, num_feedback:
     if B * N == 0:
         return h_next, v
     check_launchable(h, _FORWARD_INTERPRETED)
+    if _d_pad(d) > _KERNEL_MAX_D_PAD:
+        ref_h_next, ref_v = _reference.feedback_step_forward(h, f, decay, num_feedback)
+        h_next.copy_(ref_h_next)
+        v.copy_(ref_v)
+        return h_next, v
 
     def grid(meta):
         return (B * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -233,29 +263,53 @@ def _feedback_step_forward_op(h: Tensor, f: Tensor, decay: Tensor, num_feedback:
 
 @triton_op("fbkernels::feedback_step_backward_triton", mutates_args=())
 def _feedback_step_backward_op(
-    grad_h: Tensor | None, grad_v: Tensor | None, f: Tensor, v: Tensor, decay: Tensor, num_feedback: int
+    grad_h: Tensor | None, grad_v: Tensor | None, f: Tensor, v: Tensor, decay: Tensor, num_feedback: int,
+    needs_grad: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients in needs_grad order (grad_h_in, grad_f, grad_decay); one not needed is an empty placeholder."""
     B, d, N = f.shape
-    grad_h_in = torch.empty_like(f)
-    grad_f = torch.empty_like(f)
-    grad_decay = torch.empty_like(decay)
+    need_h, need_f, need_decay = needs_grad
+    grad_h_in = torch.empty_like(f) if need_h else f.new_empty(0)
+    grad_f = torch.empty_like(f) if need_f else f.new_empty(0)
+    grad_decay = torch.empty_like(decay) if need_decay else decay.new_empty(0)
+    if not (need_h or need_f or need_decay):
+        return grad_h_in, grad_f, grad_decay
     if B * N == 0:
         return grad_h_in, grad_f, grad_decay.zero_()
     check_launchable(f, _FORWARD_INTERPRETED)
+    d_pad = _d_pad(d)
+    if d_pad > _KERNEL_MAX_D_PAD:
+        for out, ref, need in zip((grad_h_in, grad_f, grad_decay),
+                                  _reference.feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback),
+                                  needs_grad):
+            if need:
+                out.copy_(ref)
+        return grad_h_in, grad_f, grad_decay
+    accumulate = need_decay and d_pad <= _ACCUMULATE_MAX_D_PAD
+    # g for the dL/dM matmul: kept in the accumulation dtype (the fused path never rounds it either).
+    g = torch.empty(f.shape, dtype=partial_dtype(f.dtype), device=f.device) if need_decay and not accumulate else None
     # The grid (and so the workspace) is fixed before autotuning picks BLOCK_N: programs loop over tiles.
-    num_programs = max(1, min(B * triton.cdiv(N, _MAX_BLOCK_N), max_resident_programs(f.device)))
-    partials = torch.empty((num_programs, d, d), dtype=partial_dtype(f.dtype), device=f.device)
+    num_programs = max(1, min(B * triton.cdiv(N, _MAX_BLOCK_N), max_resident_programs(f.device),
+                              _MAX_PARTIAL_ELEMENTS // (d * d)))
+    partials = torch.empty((num_programs, d, d) if accumulate else (0,), dtype=partial_dtype(f.dtype),
+                           device=f.device)
     with device_guard(f.device):
         wrap_triton(_feedback_step_backward_kernel)[(num_programs,)](
             grad_h if grad_h is not None else f,  # unread placeholder pointers when a gradient is absent
             grad_v if grad_v is not None else v,
-            f, v, decay, grad_h_in, grad_f, partials,
+            f, v, decay, g if g is not None else (grad_h_in if need_h else f), grad_f if need_f else f, partials,
             B, d, N, num_feedback, num_programs,
-            HAS_GRAD_H=grad_h is not None, HAS_GRAD_V=grad_v is not None, **_launch_flags(f, d),
+            HAS_GRAD_H=grad_h is not None, HAS_GRAD_V=grad_v is not None,
+            WRITE_G=need_h or g is not None, WRITE_GRAD_F=need_f, ACC_DECAY=accumulate, **_launch_flags(f, d),
         )
-        wrap_triton(sum_partials_kernel)[(triton.cdiv(d * d, _SUM_BLOCK),)](
-            partials, grad_decay, num_programs, d * d, BLOCK=_SUM_BLOCK
-        )
+        if accumulate:
+            wrap_triton(sum_partials_kernel)[(triton.cdiv(d * d, _SUM_BLOCK),)](
+                partials, grad_decay, num_programs, d * d, BLOCK=_SUM_BLOCK
+            )
+    if g is not None:
+        grad_decay.copy_(torch.einsum("bin,bjn->ij", g, f.to(g.dtype)))
+        if need_h:
+            grad_h_in.copy_(g)
     return grad_h_in, grad_f, grad_decay
 
 
@@ -265,7 +319,11 @@ def feedback_step_forward(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int
 
 
 def feedback_step_backward(
-    grad_h: Tensor | None, grad_v: Tensor | None, f: Tensor, v: Tensor, decay: Tensor, num_feedback: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_h_in = g, grad_f = M^T g, grad_decay = sum g f^T) with g = grad_h + softmax backward of grad_v."""
-    return torch.ops.fbkernels.feedback_step_backward_triton(grad_h, grad_v, f, v, decay, int(num_feedback))
+    grad_h: Tensor | None, grad_v: Tensor | None, f: Tensor, v: Tensor, decay: Tensor, num_feedback: int,
+    needs_grad=(True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(grad_h_in = g, grad_f = M^T g, grad_decay = sum g f^T) with g = grad_h + softmax backward of grad_v; each
+    None where needs_grad says it is not needed (its work is skipped)."""
+    needs = [bool(n) for n in needs_grad]
+    grads = torch.ops.fbkernels.feedback_step_backward_triton(grad_h, grad_v, f, v, decay, int(num_feedback), needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))

@@ -46,10 +46,11 @@ int fbk_feedback_step_num_partials(int64_t B, int64_t d, int64_t N, int64_t* out
 
 int fbk_feedback_step_backward(const void* grad_h, const void* grad_v, const void* f, const void* v,
                                const void* decay, void* grad_h_in, void* grad_f, void* grad_decay, void* partials,
-                               int64_t B, int64_t d, int64_t N, int64_t k, int dtype, void* stream) {
+                               int64_t partials_elements, int64_t B, int64_t d, int64_t N, int64_t k, int dtype,
+                               void* stream) {
   return guarded([&] {
-    fc::feedback_step_backward(grad_h, grad_v, f, v, decay, grad_h_in, grad_f, grad_decay, partials, B, d, N, k,
-                               dtype, static_cast<cudaStream_t>(stream));
+    fc::feedback_step_backward(grad_h, grad_v, f, v, decay, grad_h_in, grad_f, grad_decay, partials,
+                               partials_elements, B, d, N, k, dtype, static_cast<cudaStream_t>(stream));
   });
 }
 
@@ -69,6 +70,10 @@ int fbk_context_gate_backward(const void* grad_out, const void* h, const void* g
   });
 }
 
-int fbk_device_count() { return fc::device_count(); }
+const char* fbk_kernel_image_error() {
+  static thread_local std::string message;
+  message = fc::kernel_image_error();
+  return message.c_str();
+}
 
 }  // extern "C"

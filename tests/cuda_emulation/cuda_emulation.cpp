@@ -315,6 +315,13 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   return cudaSuccess;
 }
 
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, const void* kernel) {
+  if (attributes == nullptr || kernel == nullptr) return cudaErrorInvalidValue;
+  attributes->maxThreadsPerBlock = 1024;
+  attributes->numRegs = 0;
+  return cudaSuccess;
+}
+
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void* kernel, int block_size,
                                                           std::size_t) {
   if (kernel == nullptr || block_size < 1 || block_size > 1024) return cudaErrorInvalidValue;
