@@ -106,10 +106,14 @@ def _check_tol(tol) -> float | None:
     return float(tol)
 
 
+def has_running_statistics(module: nn.Module) -> bool:
+    """A normalisation layer (BatchNorm, SyncBatchNorm, InstanceNorm with tracking) whose forward updates running stats."""
+    return isinstance(module, _NormBase) and module.track_running_stats and module.running_mean is not None
+
+
 def running_statistics_modules(*modules: nn.Module) -> list[_NormBase]:
-    """Normalisation layers (BatchNorm, SyncBatchNorm, InstanceNorm with tracking) whose forward updates running stats."""
-    return [m for module in modules for m in module.modules()
-            if isinstance(m, _NormBase) and m.track_running_stats and m.running_mean is not None]
+    """Every layer inside ``modules`` that has running statistics (see ``has_running_statistics``)."""
+    return [m for module in modules for m in module.modules() if has_running_statistics(m)]
 
 
 @contextlib.contextmanager
