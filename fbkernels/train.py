@@ -1,6 +1,7 @@
 """The one training loop both experiments use: seeded Adam training with checkpoint/resume and optional DDP.
 
-- ``seed_everything(seed)``: Python, NumPy and torch (CPU and CUDA) generators.
+- ``seed_everything(seed)``: Python, NumPy and torch (CPU and CUDA) generators; ``rank_seed(seed, rank)``
+  the per-rank seed ``fit`` uses for them under DDP.
 - ``step_loss(logits_list, target, weights=None)``: ``sum_t w_t * CE(logits_list[t], target)`` for
   [B, C] or [B, C, H, W] logits (a single logits tensor counts as a list of one).
 - ``fit(model, train_set, *, loss_fn, epochs, batch_size, lr, ...) -> history``: Adam, optional StepLR
@@ -33,6 +34,7 @@ from . import metrics
 
 __all__ = [
     "seed_everything",
+    "rank_seed",
     "step_loss",
     "final_output",
     "fit",
@@ -126,6 +128,29 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s global generators: ``seed`` on rank 0, a distinct derived seed elsewhere.
+
+    Derived through NumPy's SeedSequence rather than seed + rank, so that rank 1 of seed s does not
+    replay rank 0 of seed s + 1.
+    """
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+def _restore_rng_state(state: dict, seed: int, rank: int, world_size: int) -> None:
+    per_rank = state.get("rng_per_rank")
+    if per_rank is not None and len(per_rank) == world_size:
+        _set_rng_state(per_rank[rank])
+    elif per_rank is None and "rng" in state and world_size == 1:
+        _set_rng_state(state["rng"])  # a checkpoint written before per-rank states
+    else:
+        # Resumed on another number of ranks: no saved stream for this rank, start a fresh distinct one.
+        fresh = np.random.SeedSequence([seed, rank, state["epoch"]]).generate_state(1, np.uint64)[0]
+        seed_everything(int(fresh % 2**63))
+
+
 def _save_checkpoint(path: str, **state) -> None:
     # Write then rename: a run killed mid-save leaves the previous checkpoint intact.
     tmp = f"{path}.tmp"
@@ -155,6 +180,7 @@ def fit(
     weight_decay: float = 0.0,
     grad_clip: float | None = None,
     num_workers: int = 0,
+    find_unused_parameters: bool | None = None,
 ) -> dict:
     """Train ``model`` with Adam on ``train_set`` for ``epochs`` epochs; returns the history.
 
@@ -167,6 +193,17 @@ def fit(
     progress and writes the checkpoint (``desc`` labels the bar; ``leave=False`` clears it when done).
     The model is left on ``device``.
 
+    DDP must be told when some parameters get no gradient (CBL-CNN in "state" mode or with steps=0),
+    else it waits for their reduction and fails at the next step. ``find_unused_parameters=None`` asks
+    the model (``model.unused_parameter_names()``, which the fbkernels CBL models define) and otherwise
+    keeps DDP's default (False: no extra graph traversal per step); pass True for a model of your own
+    whose forward leaves parameters unused.
+
+    Randomness: the data order (the sampler's shuffle) is one function of (seed, epoch) shared by every
+    rank, while the global generators (dropout masks, random augmentation, DataLoader worker seeds) are
+    seeded per rank, so the ranks draw different masks for their different samples; rank 0 (and a
+    single-process run) uses ``seed`` itself. The checkpoint keeps every rank's generator states.
+
     history = {"train_loss": [mean loss per epoch], "val": [eval dict per epoch], "epochs_run": n,
                "epoch_seconds": [wall time per epoch]}
     """
@@ -174,7 +211,7 @@ def fit(
         raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     world_size, rank, device = _setup_distributed(torch.device(device))
     main = rank == 0
-    seed_everything(seed)
+    seed_everything(rank_seed(seed, rank))
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, lr_halve_every, gamma=0.5) if lr_halve_every else None
@@ -189,13 +226,18 @@ def fit(
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
-        _set_rng_state(state["rng"])
+        _restore_rng_state(state, seed, rank, world_size)
 
     start_epoch = history["epochs_run"]
     train_model = model
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        if find_unused_parameters is None:
+            declared = getattr(model, "unused_parameter_names", None)
+            find_unused_parameters = bool(declared()) if callable(declared) else False
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+        )
 
     # The sampler's order depends only on (seed, epoch): a resumed run replays the same batches.
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
@@ -243,16 +285,23 @@ def fit(
             history["val"].append(eval_fn(model, val_set))
         history["epoch_seconds"].append(time.perf_counter() - started)
         history["epochs_run"] = epoch + 1
-        if checkpoint is not None and main:
-            _save_checkpoint(
-                checkpoint,
-                model=model.state_dict(),
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict() if scheduler is not None else None,
-                epoch=epoch + 1,
-                rng=_rng_state(),
-                history=history,
-            )
+        if checkpoint is not None:
+            rng_per_rank = [_rng_state()]
+            if world_size > 1:  # every rank's generators, so a resumed run continues each rank's own stream
+                rng_per_rank = [None] * world_size
+                dist.all_gather_object(rng_per_rank, _rng_state())
+            if main:
+                _save_checkpoint(
+                    checkpoint,
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict() if scheduler is not None else None,
+                    epoch=epoch + 1,
+                    rng_per_rank=rng_per_rank,
+                    history=history,
+                )
+            if world_size > 1:  # no rank goes on (or resumes in a next fit call) before the file is complete
+                dist.barrier()
         if bar is not None and history["val"]:
             # Val keys are prefixed so a "loss" in the eval dict does not clash with the training loss.
             bar.set_postfix(epoch=epoch + 1, loss=f"{history['train_loss'][-1]:.4f}",

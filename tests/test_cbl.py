@@ -185,9 +185,10 @@ def test_the_fbkernels_op_applies_every_gate(monkeypatch, mode):
     assert len(calls) == 2 * 4
     assert {c[2] for c in calls} == {0.5} and {c[3] for c in calls} == {"eager"}
     assert sorted({(c[0][1], c[1]) for c in calls}) == [(4, (2, 4)), (6, (2, 6)), (8, (2, 8))]
-    # Without the op nothing is gated: an identity stand-in leaves the refined logits equal to the first.
+    # Without the op nothing is gated: an identity stand-in leaves the refined logits equal to the first
+    # (in training mode: in eval mode each pass has its own running statistics, trained on gated maps).
     monkeypatch.setattr(fbkernels, "context_gate", lambda h, a, alpha, *, backend=None: h)
-    logits = model.eval()(torch.randn(2, 3, 16, 16))
+    logits = model.train()(torch.randn(2, 3, 16, 16))
     torch.testing.assert_close(logits[1], logits[0])
 
 
@@ -344,3 +345,134 @@ def test_full_quick_preset_runs(tmp_path):
     with open(tmp_path / "results.json") as file:
         saved = json.load(file)
     assert len(saved["runs"]) == 6 and saved["summary"]["standard"]["mean"] > 0.5
+
+
+# ---------------------------------------------------------------- normalisation statistics per pass
+
+
+def _eval_minus_train(model, x, forwards=60):
+    """max |eval - train| per returned output after ``forwards`` training-mode forwards on one batch."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(forwards):
+            train_out = model(x)
+        model.eval()
+        eval_out = model(x)
+    train_out = train_out if isinstance(train_out, list) else [train_out]
+    eval_out = eval_out if isinstance(eval_out, list) else [eval_out]
+    return [float((e - t).abs().max()) for e, t in zip(eval_out, train_out)]
+
+
+@pytest.mark.parametrize("mode", ["repropagate", "state"])
+def test_eval_mode_computes_what_training_did_for_every_pass(mode):
+    """Running statistics converge to one batch's after many forwards on it: eval then matches train
+    (up to the unbiased variance BatchNorm keeps, the StandardCNN's own gap), for y(0) and every y(t)."""
+    x = torch.randn(8, 3, 16, 16)
+    torch.manual_seed(0)
+    standard_gap = _eval_minus_train(StandardCNN(3, 7, **SMALL), x)[0]
+    torch.manual_seed(0)
+    gaps = _eval_minus_train(_cbl(mode=mode, steps=3), x)
+    assert len(gaps) == 4
+    assert max(gaps) <= 2 * standard_gap + 1e-3, (gaps, standard_gap)
+
+
+def test_only_the_first_pass_updates_the_backbones_statistics():
+    torch.manual_seed(5)
+    standard = StandardCNN(3, 7, **SMALL)
+    torch.manual_seed(5)
+    cbl = _cbl(steps=2)
+    x = torch.randn(4, 3, 16, 16)
+    standard(x), cbl(x)
+    cbl_state = cbl.state_dict()
+    for name, value in standard.state_dict().items():
+        torch.testing.assert_close(cbl_state[name], value, rtol=0, atol=0, msg=name)
+    # Each refinement pass folded its own (gated) maps once into its own statistics.
+    assert len(cbl.refinement_statistics) == 2
+    for statistics in cbl.refinement_statistics:
+        assert len(statistics) == 6  # blocks 1..3 run again, two BatchNorms each
+        assert all(int(s.num_batches_tracked) == 1 for s in statistics)
+    assert not torch.equal(cbl.refinement_statistics[0][0].running_mean, cbl.blocks[1][0][1].running_mean)
+
+
+def test_more_steps_later_start_from_the_last_passes_statistics():
+    model = _cbl(steps=1)
+    model(torch.randn(4, 3, 16, 16))
+    model.steps = 3
+    assert len(model.refinement_statistics) == 3
+    for j, stats in enumerate(model.refinement_statistics[2]):
+        torch.testing.assert_close(stats.running_mean, model.refinement_statistics[0][j].running_mean)
+    assert len(model.eval()(torch.randn(2, 3, 16, 16))) == 4
+    loaded = _cbl(steps=3)
+    loaded.load_state_dict(model.state_dict())
+
+
+# ---------------------------------------------------------------- settings and errors where they enter
+
+
+def test_settings_are_validated_where_they_enter():
+    model = _cbl()
+    with pytest.raises(TypeError, match="steps must be an int"):
+        model.steps = 2.5
+    with pytest.raises(TypeError, match="steps must be an int"):
+        _cbl(steps=2.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _cbl(backend="nonsense")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        model.backend = "nonsense"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        model.mode = "loop"
+    with pytest.raises(ValueError, match="alpha must be in"):
+        model.alpha = -0.5
+    assert (model.steps, model.backend, model.mode, model.alpha) == (2, None, "repropagate", 0.0)
+
+
+def test_input_block_and_head_errors_name_what_broke():
+    model = _cbl()
+    with pytest.raises(ValueError, match=r"x must have in_channels=3 channels, got 1"):
+        model(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"x must be a batch \[B, C, H, W\]"):
+        model(torch.randn(3, 8, 8))
+    with pytest.raises(ValueError, match=r"x must have in_channels=3 channels, got 1"):
+        StandardCNN(3, 7, **SMALL)(torch.randn(2, 1, 8, 8))
+
+    class ReturnsDict(nn.Module):
+        def forward(self, h):
+            return {"out": h}
+
+    head = nn.Sequential(nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(TypeError, match=r"blocks\[1\] must return a Tensor.*got dict"):
+        ContextualLoops([nn.Conv1d(2, 4, 1), ReturnsDict()], head, [4, 4], 3)(torch.randn(2, 2, 5))
+    with pytest.raises(ValueError, match=r"blocks\[0\] must return a feature map \[B, block_channels\[0\], \*S\] = \[2, 5, \*S\]"):
+        ContextualLoops([nn.Conv1d(2, 4, 1), nn.Conv1d(4, 4, 1)], head, [5, 4], 3)(torch.randn(2, 2, 5))
+    with pytest.raises(ValueError, match=r"head must return logits \[B, num_classes\] = \[2, 3\], got \[2, 4\]"):
+        ContextualLoops([nn.Conv1d(2, 4, 1)], nn.Sequential(nn.AdaptiveAvgPool1d(1), nn.Flatten()), [4], 3)(torch.randn(2, 2, 5))
+
+
+def test_unused_parameter_names_match_the_gradients():
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    for kwargs in (dict(), dict(mode="state"), dict(steps=0), dict(mode="state", gated_blocks=[0, 1])):
+        model = _cbl(**kwargs)
+        step_loss(model(x), y).backward()
+        without_grad = sorted(name for name, p in model.named_parameters() if p.grad is None)
+        assert sorted(model.unused_parameter_names()) == without_grad, kwargs
+
+
+# ---------------------------------------------------------------- mixed precision
+
+
+@pytest.mark.parametrize("mode", ["repropagate", "state"])
+def test_bfloat16_autocast_runs_and_stays_close_to_float32(mode):
+    torch.manual_seed(0)
+    model = _cbl(mode=mode).eval()
+    x = torch.randn(4, 3, 16, 16)
+    reference = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.train()(x)
+        loss = step_loss(logits, torch.arange(4))
+    loss.backward()
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    for got, want in zip(logits, reference):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), want, rtol=0.1, atol=0.1)

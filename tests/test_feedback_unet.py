@@ -208,3 +208,241 @@ def test_fused_backends_match_eager_through_the_model(backend):
     torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name in eager_grads:
         torch.testing.assert_close(fused_grads[name], eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------- settings are validated where they enter
+
+
+def test_one_class_with_softmax_is_refused_and_without_softmax_feeds_back_the_state():
+    with pytest.raises(ValueError, match="num_classes=1.*softmax"):
+        FeedbackUNet(1, 1)
+    with pytest.raises(ValueError, match="num_classes=1"):
+        FeedbackLoop(torch.nn.Conv2d(2, 3, 1), torch.nn.Conv2d(2, 1, 1), num_classes=1, seg_channels=2)
+    model = FeedbackUNet(1, 1, seg_channels=4, width=4, depth=1, softmax=False)
+    seen = []
+    model.network.register_forward_hook(lambda module, args, out: seen.append(args[0][:, 1:].clone()))
+    _, states = model(torch.rand(2, 1, 8, 8), steps=3, return_states=True)
+    # Without softmax the single feedback channel is the state itself, not a constant.
+    torch.testing.assert_close(seen[2], states[1][:, -1:])
+    assert seen[2].std() > 0
+    with pytest.raises(ValueError, match="num_classes=1"):
+        model.softmax = True
+
+
+def test_settings_are_validated_where_they_enter():
+    model = tiny()
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(TypeError, match="steps must be an int.*2.5"):
+        model(x, steps=2.5)
+    with pytest.raises(TypeError, match="steps"):
+        model(x, steps=True)
+    with pytest.raises(ValueError, match="bptt must be one of"):
+        model.bptt = "nonsense"
+    assert model.bptt == "full"
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        model.steps = 0
+    with pytest.raises(TypeError, match="steps"):
+        model.steps = 3.0
+    assert model.steps == 5
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FeedbackUNet(1, 2, backend="nonsense")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        model.backend = "nonsense"
+    with pytest.raises(TypeError, match="backend must be a str or None"):
+        model.backend = 3
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FeedforwardUNet(1, 2, backend="nonsense")
+    # A known backend that cannot run here is accepted at construction; the call says why it cannot run.
+    model.backend = "cuda"
+    with pytest.raises(ValueError, match="not available"):
+        model(x, steps=1)
+    model.backend = None
+    model.bptt, model.steps = "checkpoint", 2
+    assert (model.bptt, model.steps) == ("checkpoint", 2) and len(model(x)) == 2
+
+
+# ---------------------------------------------------------------- input errors in the model's terms
+
+
+def test_input_errors_are_in_the_models_terms():
+    model = FeedbackUNet(1, 2, seg_channels=4, width=4, depth=1)
+    with pytest.raises(ValueError, match=r"x must have in_channels=1 channels, got 3"):
+        model(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"x must be a batch \[B, C, H, W\].*\[1, 8, 8\]"):
+        model(torch.rand(1, 8, 8))
+    with pytest.raises(TypeError, match="x must be a floating"):
+        model(torch.ones(1, 1, 8, 8, dtype=torch.long))
+
+
+class _Downsample(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2 + 2, 3 + 2, 3, stride=2, padding=1)
+
+    def forward(self, inputs):
+        return self.conv(inputs)
+
+
+class _ReturnsDict(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2 + 2, 3 + 2, 1)
+
+    def forward(self, inputs):
+        return {"out": self.conv(inputs)}
+
+
+def test_a_user_network_or_head_that_breaks_the_contract_gets_a_clear_error():
+    x = torch.rand(2, 2, 8, 8)
+    head = torch.nn.Conv2d(3, 2, 1)
+    with pytest.raises(ValueError, match=r"network must return .*\[2, 5, 8, 8\].*got \[2, 5, 4, 4\]"):
+        FeedbackLoop(_Downsample(), head, num_classes=2, seg_channels=3)(x)
+    with pytest.raises(TypeError, match="network must return a Tensor.*got dict"):
+        FeedbackLoop(_ReturnsDict(), head, num_classes=2, seg_channels=3)(x)
+    bad_head = torch.nn.Conv2d(3, 4, 1)
+    with pytest.raises(ValueError, match=r"head must return logits \[B, num_classes, \.\.\.\] = \[2, 2, \.\.\.\]"):
+        FeedbackLoop(torch.nn.Conv2d(4, 5, 1), bad_head, num_classes=2, seg_channels=3)(x)
+
+
+# ---------------------------------------------------------------- early exit
+
+
+def test_early_exit_stops_once_the_state_settles():
+    torch.manual_seed(0)
+    model = tiny(decay=True)
+    x = torch.rand(2, 3, 12, 12)
+    with torch.no_grad():
+        all_logits, all_states = model(x, steps=12, return_states=True)
+        changes = state_changes(all_states)  # changes[i] is the change of step t = i + 2
+        tol = 0.5 * (changes[2] + changes[3])  # between the changes of steps 4 and 5: stops after step 5
+        assert changes[3] < tol <= changes[2]
+        logits, states = model(x, steps=12, tol=tol, return_states=True)
+    assert len(logits) == len(states) == 5
+    for got, want in zip(logits, all_logits):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(states, all_states):
+        torch.testing.assert_close(got, want)
+
+
+def test_early_exit_never_stops_at_the_first_step_and_runs_all_steps_for_an_unreachable_tol():
+    model = tiny(decay=True)
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert len(model(x, steps=6, tol=1e30)) == 2  # the first step's change (from h(0) = 0) never counts
+        assert len(model(x, steps=1, tol=1e30)) == 1
+        assert len(model(x, steps=6, tol=1e-300)) == 6
+        assert len(model(x, steps=6)) == 6
+
+
+def test_early_exit_tolerance_is_validated_and_return_states_is_keyword_only():
+    model = tiny()
+    x = torch.rand(1, 3, 8, 8)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tol must be a positive finite number or None"):
+            model(x, steps=2, tol=bad)
+    for bad in ("1e-3", True, torch.tensor(1e-3)):
+        with pytest.raises(TypeError, match="tol must be"):
+            model(x, steps=2, tol=bad)
+    with pytest.raises(TypeError):
+        model(x, 2, True)  # return_states (and tol) are keyword-only
+
+
+# ---------------------------------------------------------------- mixed precision
+
+
+class _LastLayerOutsideAutocast(torch.nn.Module):
+    """[B, 2 + 2, H, W] -> [B, 3 + 2, H, W]; its last layer runs in float32 even under autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = torch.nn.Conv2d(2 + 2, 8, 3, padding=1)
+        self.out = torch.nn.Conv2d(8, 3 + 2, 1)
+
+    def forward(self, inputs):
+        hidden = torch.relu(self.hidden(inputs))
+        with torch.autocast(inputs.device.type, enabled=False):
+            return self.out(hidden.float())
+
+
+def _mixed_precision_models():
+    torch.manual_seed(0)
+    yield "unet", FeedbackUNet(2, 2, seg_channels=3, width=4, depth=1), torch.rand(2, 2, 8, 8)
+    torch.manual_seed(0)
+    yield "unet-checkpoint", FeedbackUNet(2, 2, seg_channels=3, width=4, depth=1, bptt="checkpoint"), torch.rand(2, 2, 8, 8)
+    torch.manual_seed(0)
+    loop = FeedbackLoop(_LastLayerOutsideAutocast(), torch.nn.Conv2d(3, 2, 1), num_classes=2, seg_channels=3)
+    yield "float32-last-layer", loop, torch.rand(2, 2, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["unet", "unet-checkpoint", "float32-last-layer"])
+def test_bfloat16_autocast_keeps_the_state_in_float32(name):
+    _, model, x = next(m for m in _mixed_precision_models() if m[0] == name)
+    y = torch.randint(0, 2, (2, 8, 8))
+    reference_logits, reference_states = model(x, steps=3, return_states=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, states = model(x, steps=3, return_states=True)
+        loss = step_loss(logits, y)
+    loss.backward()
+    assert all(h.dtype == torch.float32 for h in states)
+    for got, want in zip(states, reference_states):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+    for got, want in zip(logits, reference_logits):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+    for param_name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), param_name
+
+
+def test_feedforward_unet_with_decay_runs_under_autocast():
+    model = FeedforwardUNet(2, 2, seg_channels=3, width=4, depth=1, decay=True)
+    x = torch.rand(2, 2, 8, 8)
+    reference = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+
+
+# ---------------------------------------------------------------- checkpointed BPTT with a BatchNorm network
+
+
+class _BatchNormNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2 + 2, 6, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(6)
+        self.out = torch.nn.Conv2d(6, 3 + 2, 1)
+
+    def forward(self, inputs):
+        return self.out(torch.relu(self.norm(self.conv(inputs))))
+
+
+def test_checkpoint_mode_with_batchnorm_matches_full_mode_and_updates_statistics_once_per_forward():
+    torch.manual_seed(0)
+    full = FeedbackLoop(_BatchNormNet(), torch.nn.Conv2d(3, 2, 1), num_classes=2, seg_channels=3).double()
+    ckpt = FeedbackLoop(_BatchNormNet(), torch.nn.Conv2d(3, 2, 1), num_classes=2, seg_channels=3, bptt="checkpoint")
+    ckpt.double().load_state_dict(full.state_dict())
+    x = torch.rand(3, 2, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 2, (3, 8, 8))
+    full_loss, full_grads = _loss_and_grads(full, x, y, steps=4)
+    ckpt_loss, ckpt_grads = _loss_and_grads(ckpt, x, y, steps=4)
+    torch.testing.assert_close(ckpt_loss, full_loss, rtol=1e-12, atol=0)
+    for name in full_grads:
+        torch.testing.assert_close(ckpt_grads[name], full_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert int(full.network.norm.num_batches_tracked) == 4
+    for name, value in full.network.norm.named_buffers():
+        assert torch.equal(getattr(ckpt.network.norm, name), value), name
+
+
+def test_checkpoint_mode_keeps_only_the_recursion_per_step():
+    """Per extra step only h(t) (d channels), v(t), the logits and the loss's log-softmax (k channels each) stay."""
+    pytest.importorskip("torch.distributed._tools.mem_tracker")
+    x, y = torch.rand(1, 3, 16, 16), torch.randint(0, 2, (1, 16, 16))
+    peaks = {}
+    for steps in (6, 12):
+        torch.manual_seed(0)
+        peaks[steps] = _peak_bytes(tiny(width=8, bptt="checkpoint"), x, y, steps)
+    per_step = (peaks[12] - peaks[6]) / 6
+    recursion = (6 + 3 * 2) * 16 * 16 * 4  # (d + 3k) float32 channels of 16x16 positions
+    print(f"checkpoint: {per_step:.0f} bytes per step, recursion {recursion} bytes")
+    assert per_step <= 1.1 * recursion

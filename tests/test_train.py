@@ -169,3 +169,102 @@ def test_two_process_ddp_on_cpu_ends_with_equal_weights(tmp_path):
     torch.manual_seed(0)
     init = FeedbackUNet(3, 2, seg_channels=4, width=4, depth=1, steps=2).state_dict()
     assert any(not torch.equal(init[n], a) for n, a in rank0["state"].items())
+
+
+# ---------------------------------------------------------------- DDP in-process (mp.spawn, gloo on CPU)
+
+def _ddp_fit_cbl(out, **cbl_kwargs):
+    from torch.utils.data import TensorDataset
+
+    from fbkernels.models import CBLCNN
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 8, 8, generator=gen), torch.arange(8) % 4)
+    torch.manual_seed(0)
+    model = CBLCNN(3, 4, widths=(4, 4, 4, 4), hidden=8, context_dim=4, backend="eager", **cbl_kwargs)
+    # 8 samples, 2 ranks, batch 2: two iterations per epoch, the second is where DDP finds unfinished reductions.
+    initial = {name: value.detach().clone() for name, value in model.named_parameters()}
+    train.fit(model, data, loss_fn=train.step_loss, epochs=1, batch_size=2, lr=0.01, progress=False)
+    # Parameters only: DDP syncs buffers (BatchNorm statistics) from rank 0 before each forward, so after
+    # the last forward each rank's statistics hold its own last batch.
+    return {"initial": initial, "final": {name: value.detach().clone() for name, value in model.named_parameters()}}
+
+
+class _DropoutRecorder(torch.nn.Module):
+    """Records the dataset indices it sees and the dropout mask it draws, per batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 2)
+        self.dropout = torch.nn.Dropout(0.5)
+        self.indices, self.masks = [], []
+
+    def forward(self, x):
+        self.indices.append(x[:, 0].long().tolist())
+        self.masks.append(self.dropout(torch.ones(64)).bool())
+        return self.linear(x)
+
+
+def _ddp_fit_dropout(checkpoint=None, epochs=2):
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.arange(8, dtype=torch.float32)[:, None], torch.zeros(8, dtype=torch.long))
+    torch.manual_seed(0)
+    model = _DropoutRecorder()
+    train.fit(model, data, loss_fn=torch.nn.functional.cross_entropy, epochs=epochs, batch_size=2, lr=0.01,
+              progress=False, seed=3, checkpoint=checkpoint)
+    return {"indices": model.indices, "masks": model.masks}
+
+
+def _ddp_worker(rank, world_size, out):
+    import torch.distributed as dist
+
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world_size)
+    try:
+        results = {
+            "cbl_state_mode": _ddp_fit_cbl(out, mode="state"),
+            "cbl_no_steps": _ddp_fit_cbl(out, steps=0),
+            "dropout": _ddp_fit_dropout(),
+            "dropout_first_epoch": _ddp_fit_dropout(checkpoint=f"{out}/dropout.pt", epochs=1),
+            "dropout_resumed": _ddp_fit_dropout(checkpoint=f"{out}/dropout.pt", epochs=2),
+        }
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_ddp_worker, args=(2, str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("run", ["cbl_state_mode", "cbl_no_steps"])
+def test_ddp_trains_models_with_parameters_that_get_no_gradient(ddp_results, run):
+    rank0, rank1 = ddp_results[0][run], ddp_results[1][run]
+    for name, value in rank0["final"].items():
+        assert torch.equal(value, rank1["final"][name]), name
+    assert any(not torch.equal(value, rank0["initial"][name]) for name, value in rank0["final"].items())
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_share_the_data_order_but_not_the_dropout_masks(ddp_results):
+    rank0, rank1 = ddp_results[0]["dropout"], ddp_results[1]["dropout"]
+    for epoch in range(2):  # two batches per epoch and rank
+        seen0 = sum(rank0["indices"][2 * epoch: 2 * epoch + 2], [])
+        seen1 = sum(rank1["indices"][2 * epoch: 2 * epoch + 2], [])
+        assert sorted(seen0 + seen1) == list(range(8))  # one shared shuffle, split between the ranks
+    for mask0, mask1 in zip(rank0["masks"], rank1["masks"]):
+        assert not torch.equal(mask0, mask1)
+    # A resumed run continues each rank's own random stream.
+    for results in ddp_results:
+        resumed, reference = results["dropout_resumed"], results["dropout"]
+        assert resumed["indices"] == reference["indices"][2:]
+        for got, want in zip(resumed["masks"], reference["masks"][2:]):
+            assert torch.equal(got, want)

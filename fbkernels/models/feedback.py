@@ -12,24 +12,130 @@ channels to the class logits, into a feedback model. With h(0) = 0 and v(0) = 0,
 M(t) = P diag(exp(-t r / tau)) P_inv from ``fbkernels.decay_matrix`` (P, P_inv learnable, initialised
 orthogonal / transposed; rates r = 1 unless learned), or I without decay. The model returns every
 step's logits so the loss can be summed over the steps and backpropagated once through the whole
-trajectory. ``bptt="checkpoint"`` recomputes each step's network forward during backward
-(torch.utils.checkpoint, non-reentrant): activation memory then no longer grows with the network's
-depth times T, only with the few state-sized tensors each step keeps, and the gradients are the same.
+trajectory; with ``tol`` it stops once the state has settled (inference).
+
+The state h is kept in the loop's parameter dtype (float32 for a float32 model) also under
+``torch.autocast``: the network and the head may run in bfloat16/float16, but f is cast up before the
+update and M is computed with autocast off, so the accumulation over T steps does not lose precision.
+
+``bptt="checkpoint"`` recomputes each whole step (concatenation, network, state update, head) during
+backward (torch.utils.checkpoint, non-reentrant): per step only the state h(t), the feedback v(t) and
+the logits stay alive, so memory no longer grows with the network's depth times T, and the gradients
+are the same. Normalisation layers with running statistics (BatchNorm) in the network or head update
+them once per real forward: the recomputation restores them (see ``_running_statistics_kept``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
 import fbkernels
+from fbkernels.backends import BACKENDS
 
 __all__ = ["DecayMatrix", "FeedbackLoop", "state_changes"]
 
 BPTT_MODES = ("full", "checkpoint")
+
+
+# ---------------------------------------------------------------- setting checks shared by the models
+
+def check_int_setting(name: str, value, minimum: int) -> int:
+    """``value`` as an int >= minimum; a float (even 2.0), a bool or anything else is refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_backend_setting(value) -> str | None:
+    """A backend name from fbkernels.backends.BACKENDS or None. Whether it can run is checked per call:
+    a model built on a CPU machine with backend="cuda" is valid, it runs once moved to a GPU."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"backend must be a str or None, got {type(value).__name__}")
+    if value not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)} or None, got {value!r}")
+    return value
+
+
+def check_softmax_setting(softmax, num_classes: int) -> bool:
+    """softmax must be a bool, and False when there is a single feedback channel."""
+    if not isinstance(softmax, bool):
+        raise TypeError(f"softmax must be a bool, got {type(softmax).__name__}")
+    if softmax and num_classes == 1:
+        raise ValueError(
+            "num_classes=1 with softmax=True feeds back a softmax over a single channel, which is constantly 1: "
+            "the model would silently be feedforward. For binary segmentation use num_classes=2 (background and "
+            "foreground, trained with cross-entropy), or softmax=False to feed back the state channel itself"
+        )
+    return softmax
+
+
+def check_input(x, *, in_channels: int | None, spatial_dims: int | None) -> None:
+    """x must be a floating batch [B, in_channels, *S] (len(S) = spatial_dims where given)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if spatial_dims is not None and x.dim() != 2 + spatial_dims:
+        layout = {1: "[B, C, L]", 2: "[B, C, H, W]", 3: "[B, C, D, H, W]"}.get(spatial_dims, f"[B, C, *S] ({spatial_dims} spatial dims)")
+        hint = " (for one unbatched sample use x[None])" if x.dim() == 1 + spatial_dims else ""
+        raise ValueError(f"x must be a batch {layout}, got shape {list(x.shape)}{hint}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be a batch [B, C, *S], got shape {list(x.shape)}")
+    if in_channels is not None and x.shape[1] != in_channels:
+        raise ValueError(f"x must have in_channels={in_channels} channels, got {x.shape[1]} (shape {list(x.shape)})")
+
+
+def _check_tol(tol) -> float | None:
+    if tol is None:
+        return None
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"tol must be a positive finite number or None, got {type(tol).__name__}")
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number or None, got {tol}")
+    return float(tol)
+
+
+def has_running_statistics(module: nn.Module) -> bool:
+    """A normalisation layer (BatchNorm, SyncBatchNorm, InstanceNorm with tracking) whose forward updates running stats."""
+    return isinstance(module, _NormBase) and module.track_running_stats and module.running_mean is not None
+
+
+def running_statistics_modules(*modules: nn.Module) -> list[_NormBase]:
+    """Every layer inside ``modules`` that has running statistics (see ``has_running_statistics``)."""
+    return [m for module in modules for m in module.modules() if has_running_statistics(m)]
+
+
+@contextlib.contextmanager
+def _running_statistics_kept(norms: list[_NormBase]):
+    """Run a block of code, then put the norms' running statistics back as they were before it.
+
+    A checkpointed forward is rerun during backward with the modules in the same (training) mode, so
+    each BatchNorm would fold the same batch into its running statistics a second time. In training
+    mode the recomputed output does not depend on the running statistics (it uses the batch's), so
+    restoring them afterwards changes nothing but the double update.
+    """
+    saved = [(m, m.running_mean.clone(), m.running_var.clone(),
+              None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, mean, var, count in saved:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
 
 
 class DecayMatrix(nn.Module):
@@ -62,25 +168,34 @@ class DecayMatrix(nn.Module):
         return self.fixed_rates
 
     def forward(self, t) -> Tensor:
-        return fbkernels.decay_matrix(self.basis, self.basis_inv, self.rates, t, self.tau)
+        # The state accumulates in the parameters' dtype: under autocast the tiny matmuls would
+        # otherwise come out in bfloat16/float16.
+        with torch.autocast(self.basis.device.type, enabled=False):
+            return fbkernels.decay_matrix(self.basis, self.basis_inv, self.rates, t, self.tau)
 
 
 class FeedbackLoop(nn.Module):
     """Feedback model around ``network`` ([B, C_in + k, *S] -> [B, l + k, *S]) and ``head`` ([B, l, *S] -> logits).
 
-    ``model(x, steps=None, return_states=False)`` -> list of ``steps`` (default ``self.steps``) per-step
-    logits; with ``return_states`` -> (logits list, states list h(1..T), each [B, l + k, *S]).
+    ``model(x, steps=None, *, tol=None, return_states=False)`` -> list of per-step logits
+    [B, k, ...], one per step run; with ``return_states`` -> (logits list, states list h(1..), each
+    [B, l + k, *S]). ``steps`` (default ``self.steps``) is the number of steps, or with ``tol`` the
+    maximum: the loop then stops after the first step t >= 2 whose root-mean-square state change over
+    the whole batch, sqrt(mean((h(t) - h(t-1))**2)), is below ``tol`` (one host synchronisation per step).
 
     Args:
-        num_classes: k, the number of feedback channels (one per class).
+        num_classes: k, the number of feedback channels (one per class); k = 1 needs softmax=False
+            (a softmax over one channel is constantly 1).
         seg_channels: l, the number of segmentation channels the head reads.
         tau: time constant of the decay.
         decay: use M(t) (the paper's "error computation"); False uses M = I.
         softmax: feed back softmax(h[:, d-k:]); False feeds back h[:, d-k:] itself.
         learn_rates: learn positive decay rates instead of fixing them at 1.
         bptt: "full" keeps every step's network activations for backward; "checkpoint" recomputes them.
-        backend: fbkernels backend of the state update (None: the fastest available); settable later.
+        backend: fbkernels backend of the state update (None: the fastest available).
         steps: default number of steps T.
+        in_channels, spatial_dims: if given, x must be [B, in_channels, *S] with len(S) = spatial_dims.
+    ``softmax``, ``bptt``, ``backend`` and ``steps`` can be set later; every value is checked when set.
     """
 
     def __init__(
@@ -97,47 +212,111 @@ class FeedbackLoop(nn.Module):
         bptt: str = "full",
         backend: str | None = None,
         steps: int = 5,
+        in_channels: int | None = None,
+        spatial_dims: int | None = None,
     ):
         super().__init__()
-        if num_classes < 1 or seg_channels < 1:
-            raise ValueError(f"need num_classes >= 1 and seg_channels >= 1, got {num_classes}, {seg_channels}")
-        if bptt not in BPTT_MODES:
-            raise ValueError(f"bptt must be one of {list(BPTT_MODES)}, got {bptt!r}")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        self.network, self.head = network, head
-        self.num_classes, self.seg_channels = num_classes, seg_channels
-        self.state_channels = seg_channels + num_classes
+        self.num_classes = check_int_setting("num_classes", num_classes, 1)
+        self.seg_channels = check_int_setting("seg_channels", seg_channels, 1)
+        self.in_channels = None if in_channels is None else check_int_setting("in_channels", in_channels, 1)
+        self.spatial_dims = None if spatial_dims is None else check_int_setting("spatial_dims", spatial_dims, 0)
+        self.state_channels = self.seg_channels + self.num_classes
         self.softmax, self.bptt, self.backend, self.steps = softmax, bptt, backend, steps
+        self.network, self.head = network, head
         self.decay = DecayMatrix(self.state_channels, tau=tau, learn_rates=learn_rates) if decay else None
         self.register_buffer("identity", torch.eye(self.state_channels), persistent=False)
 
-    def _network(self, inputs: Tensor) -> Tensor:
-        if self.bptt == "checkpoint" and torch.is_grad_enabled():
-            return checkpoint(self.network, inputs, use_reentrant=False)
-        return self.network(inputs)
+    # ------------------------------------------------------------ settings, checked when set
 
-    def forward(self, x: Tensor, steps: int | None = None, return_states: bool = False):
-        steps = self.steps if steps is None else int(steps)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        k = self.num_classes
-        v = x.new_zeros((x.shape[0], k, *x.shape[2:]))
+    @property
+    def softmax(self) -> bool:
+        return self._softmax
+
+    @softmax.setter
+    def softmax(self, value: bool) -> None:
+        self._softmax = check_softmax_setting(value, self.num_classes)
+
+    @property
+    def bptt(self) -> str:
+        return self._bptt
+
+    @bptt.setter
+    def bptt(self, value: str) -> None:
+        if value not in BPTT_MODES:
+            raise ValueError(f"bptt must be one of {list(BPTT_MODES)}, got {value!r}")
+        self._bptt = value
+
+    @property
+    def backend(self) -> str | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self._backend = check_backend_setting(value)
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps = check_int_setting("steps", value, 1)
+
+    # ------------------------------------------------------------ forward
+
+    def _step(self, x: Tensor, v: Tensor, h: Tensor | None, mix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One step from (v(t-1), h(t-1)) to (h(t), v(t), y(t)); h = None stands for h(0) = 0."""
+        inputs = torch.cat([x, v.to(x.dtype)], dim=1)  # v in the network's input dtype only here
+        f = self.network(inputs)
+        expected = [x.shape[0], self.state_channels, *x.shape[2:]]
+        if not isinstance(f, Tensor):
+            raise TypeError(f"network must return a Tensor [B, seg_channels + num_classes, *S] = {expected}, "
+                            f"got {type(f).__name__}")
+        if list(f.shape) != expected:
+            raise ValueError(
+                f"network must return [B, seg_channels + num_classes, *S] = {expected} (the state's channels at the "
+                f"input's resolution) for its input [x, v] of shape {list(inputs.shape)}, got {list(f.shape)}"
+            )
+        f = f.to(mix.dtype)  # the state accumulates in the loop's dtype, also when the network ran in bf16/f16
+        if h is None:
+            h = torch.zeros_like(f)
+        h, v_softmax = fbkernels.feedback_step(h, f, mix, self.num_classes, backend=self.backend)
+        v = v_softmax if self.softmax else h[:, self.seg_channels:]
+        logits = self.head(h[:, : self.seg_channels])
+        if not isinstance(logits, Tensor) or list(logits.shape[:2]) != [x.shape[0], self.num_classes]:
+            given = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"head must return logits [B, num_classes, ...] = [{x.shape[0]}, {self.num_classes}, ...] "
+                             f"from h[:, :seg_channels], got {given}")
+        return h, v, logits
+
+    def _checkpointed_step(self, x: Tensor, v: Tensor, h: Tensor | None, mix: Tensor, norms: list[_NormBase]):
+        """``_step`` under torch.utils.checkpoint; the recomputation keeps the norms' running statistics."""
+        if not norms:  # the plain call is the form torch.compile traces (it rejects a context_fn)
+            return checkpoint(self._step, x, v, h, mix, use_reentrant=False)
+        context_fn = lambda: (contextlib.nullcontext(), _running_statistics_kept(norms))  # noqa: E731
+        return checkpoint(self._step, x, v, h, mix, use_reentrant=False, context_fn=context_fn)
+
+    def forward(self, x: Tensor, steps: int | None = None, *, tol: float | None = None, return_states: bool = False):
+        steps = self.steps if steps is None else check_int_setting("steps", steps, 1)
+        tol = _check_tol(tol)
+        check_input(x, in_channels=self.in_channels, spatial_dims=self.spatial_dims)
+        checkpointed = self.bptt == "checkpoint" and torch.is_grad_enabled()
+        norms = [m for m in running_statistics_modules(self.network, self.head) if m.training] if checkpointed else []
+        v = x.new_zeros((x.shape[0], self.num_classes, *x.shape[2:]))
         h = None
         logits, states = [], []
         for t in range(1, steps + 1):
-            f = self._network(torch.cat([x, v], dim=1))
-            if f.shape[1] != self.state_channels:
-                raise ValueError(
-                    f"network must output seg_channels + num_classes = {self.state_channels} channels, got {f.shape[1]}"
-                )
-            if h is None:
-                h = torch.zeros_like(f)
-            mix = self.decay(t - 1) if self.decay is not None else self.identity.to(f.dtype)
-            h, v_softmax = fbkernels.feedback_step(h, f, mix, k, backend=self.backend)
-            v = v_softmax if self.softmax else h[:, self.state_channels - k:]
-            logits.append(self.head(h[:, : self.seg_channels]))
-            states.append(h)
+            mix = self.decay(t - 1) if self.decay is not None else self.identity
+            if checkpointed:
+                h_next, v, y = self._checkpointed_step(x, v, h, mix, norms)
+            else:
+                h_next, v, y = self._step(x, v, h, mix)
+            logits.append(y)
+            states.append(h_next)
+            settled = tol is not None and t >= 2 and float((h_next - h).detach().double().pow(2).mean().sqrt()) < tol
+            h = h_next
+            if settled:
+                break
         return (logits, states) if return_states else logits
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import fbkernels
 
-from .feedback import DecayMatrix, FeedbackLoop
+from .feedback import DecayMatrix, FeedbackLoop, check_backend_setting, check_input, check_int_setting, check_softmax_setting
 
 __all__ = ["UNet", "FeedbackUNet", "FeedforwardUNet"]
 
@@ -72,11 +72,11 @@ class UNet(nn.Module):
 
 
 class FeedbackUNet(FeedbackLoop):
-    """Feedback U-Net: ``model(x, steps=T)`` -> list of T per-step logits [B, num_classes, H, W].
+    """Feedback U-Net: ``model(x, steps=T, *, tol=None)`` -> list of per-step logits [B, num_classes, H, W].
 
-    State h: [B, seg_channels + num_classes, H, W]; step t: f = UNet([x, v(t-1)]),
+    x: [B, in_channels, H, W]. State h: [B, seg_channels + num_classes, H, W]; step t: f = UNet([x, v(t-1)]),
     (h, v) = fbkernels.feedback_step(h, f, M(t-1)), logits(t) = G(h[:, :seg_channels]).
-    See ``FeedbackLoop`` for decay, softmax, learn_rates, bptt and backend.
+    See ``FeedbackLoop`` for decay, softmax (binary segmentation: num_classes=2), learn_rates, bptt, backend, tol.
     """
 
     def __init__(
@@ -95,7 +95,8 @@ class FeedbackUNet(FeedbackLoop):
         backend: str | None = None,
         steps: int = 5,
     ):
-        state_channels = seg_channels + num_classes
+        state_channels = check_int_setting("seg_channels", seg_channels, 1) + check_int_setting("num_classes", num_classes, 1)
+        check_softmax_setting(softmax, num_classes)  # before building a U-Net that could not be used
         super().__init__(
             network=UNet(in_channels + num_classes, state_channels, width=width, depth=depth),
             head=nn.Conv2d(seg_channels, num_classes, 1),
@@ -108,8 +109,9 @@ class FeedbackUNet(FeedbackLoop):
             bptt=bptt,
             backend=backend,
             steps=steps,
+            in_channels=in_channels,
+            spatial_dims=2,
         )
-        self.in_channels = in_channels
 
 
 class FeedforwardUNet(nn.Module):
@@ -134,19 +136,28 @@ class FeedforwardUNet(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        if num_classes < 1 or seg_channels < 1:
-            raise ValueError(f"need num_classes >= 1 and seg_channels >= 1, got {num_classes}, {seg_channels}")
-        self.in_channels, self.num_classes, self.seg_channels = in_channels, num_classes, seg_channels
+        self.in_channels = check_int_setting("in_channels", in_channels, 1)
+        self.num_classes = check_int_setting("num_classes", num_classes, 1)
+        self.seg_channels = check_int_setting("seg_channels", seg_channels, 1)
         self.state_channels = seg_channels + num_classes
         self.decay_step, self.backend = decay_step, backend
         self.network = UNet(in_channels, self.state_channels, width=width, depth=depth)
         self.head = nn.Conv2d(seg_channels, num_classes, 1)
         self.decay = DecayMatrix(self.state_channels, tau=tau, learn_rates=learn_rates) if decay else None
 
+    @property
+    def backend(self) -> str | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self._backend = check_backend_setting(value)
+
     def forward(self, x: Tensor) -> Tensor:
+        check_input(x, in_channels=self.in_channels, spatial_dims=2)
         f = self.network(x)
         if self.decay is not None:
-            f, _ = fbkernels.feedback_step(
-                torch.zeros_like(f), f, self.decay(self.decay_step), self.num_classes, backend=self.backend
-            )
+            mix = self.decay(self.decay_step)  # in the parameters' dtype, also under autocast
+            f = f.to(mix.dtype)
+            f, _ = fbkernels.feedback_step(torch.zeros_like(f), f, mix, self.num_classes, backend=self.backend)
         return self.head(f[:, : self.seg_channels])
