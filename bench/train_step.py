@@ -17,6 +17,9 @@ Adam step. Paths compared, on the same model, data and seed (identical initial w
   checkpoint  as default with bptt="checkpoint" (network activations recomputed in backward).
   compile     torch.compile(FeedbackUNet(backend=None), dynamic=False), one backward; the first step
               (compilation) is reported apart as compile_s. Compiled only at --compile-steps (default T=5).
+  compile_network  as default with torch.compile(model.network, dynamic=False): the per-step U-Net compiled
+              once and reused by every step (the loop and the fused state update stay eager), so compilation
+              does not grow with T. At every T of --steps by default.
   feedforward the unit: a FeedforwardUNet of the same width and depth, one pass, one backward.
 
 Models: FeedbackUNet(3, 2, seg_channels=16, width=16, depth=3), input [1, 3, 64, 64] on CPU (512x512 on a GPU),
@@ -53,10 +56,10 @@ fbkernels = common.import_fbkernels()
 from fbkernels import _reference  # noqa: E402  (plain-autograd state update of the reference schedule)
 
 DEFAULT_OUT = common.REPO_ROOT / "runs" / "bench"
-UNET_PATHS = ("reference", "eager", "default", "checkpoint", "compile")
+UNET_PATHS = ("reference", "eager", "default", "checkpoint", "compile", "compile_network")
 CBL_PATHS = ("reference", "eager", "default", "compile")
 # Documented training paths of fbkernels (candidates for "fastest"); "reference" and "eager" are baselines.
-FBKERNELS_PATHS = ("default", "checkpoint", "compile")
+FBKERNELS_PATHS = ("default", "checkpoint", "compile", "compile_network")
 EQUILIBRIUM_ATOL = 1e-5  # the reference implementation's stopping test
 
 UNET_CONFIG = {"in_channels": 3, "num_classes": 2, "seg_channels": 16, "width": 16, "depth": 3}
@@ -186,7 +189,9 @@ class TrainStep:
         """{parameter name: gradient clone or None} of one forward + backward from the current weights."""
         self.optimizer.zero_grad(set_to_none=True)
         self.loss_backward()
-        grads = {name: None if p.grad is None else p.grad.detach().clone() for name, p in self.model.named_parameters()}
+        # A compiled submodule's parameters are named through "_orig_mod."; strip it so paths compare by name.
+        grads = {name.replace("_orig_mod.", ""): None if p.grad is None else p.grad.detach().clone()
+                 for name, p in self.model.named_parameters()}
         self.optimizer.zero_grad(set_to_none=True)
         return grads
 
@@ -235,6 +240,9 @@ def make_unet_step(path: str, config: dict, x, target, steps: int, device, dtype
     model = build_unet(config, path, device, dtype)
     if path == "reference":
         return TrainStep(model, lambda: unet_reference_backward(model, x, target, steps))
+    if path == "compile_network":
+        # The per-step network compiled once and reused by every step: compilation no longer grows with T.
+        model.network = torch.compile(model.network, dynamic=False)
     runner = torch.compile(model, dynamic=False) if path == "compile" else model
     return TrainStep(model, lambda: summed_loss_backward(runner, x, target, {"steps": steps}))
 
@@ -247,14 +255,23 @@ def make_cbl_step(path: str, config: dict, x, target, steps: int, device, dtype)
     return TrainStep(model, lambda: summed_loss_backward(runner, x, target, {}))
 
 
+def _fx_graph_cache_counts() -> dict:
+    """Inductor's FX-graph cache hits and misses so far: a hit means the compile time excludes code generation."""
+    counters = torch._dynamo.utils.counters["inductor"]
+    return {"fxgraph_cache_hit": counters["fxgraph_cache_hit"], "fxgraph_cache_miss": counters["fxgraph_cache_miss"]}
+
+
 def measure(steps_by_path: dict, unit: TrainStep, device, args, label: str) -> dict:
     """{path: figures} of one model at one T: gradient check against "eager", interleaved timing, peak memory."""
-    compile_s, grads = {}, {}
+    compile_s, compile_cache, grads = {}, {}, {}
     for path, step in steps_by_path.items():
+        before = _fx_graph_cache_counts()
         started = time.perf_counter()
         grads[path] = step.gradients()  # the compile path compiles here
-        if path == "compile":
+        if path in ("compile", "compile_network"):
             compile_s[path] = time.perf_counter() - started
+            after = _fx_graph_cache_counts()
+            compile_cache[path] = {key: after[key] - before[key] for key in after}
     errors = {path: assert_equal_gradients(grads["eager"], grads[path], args.grad_tol, f"{label} {path}")
               for path in steps_by_path}
     fns = {**steps_by_path, "unit": unit}
@@ -264,7 +281,7 @@ def measure(steps_by_path: dict, unit: TrainStep, device, args, label: str) -> d
     for name, fn in fns.items():
         peak = common.peak_memory_bytes(fn.prepared(), device)
         out[name] = {"timing": timings[name], "peak_bytes": peak, "compile_s": compile_s.get(name),
-                     "grad_rel_err": errors.get(name)}
+                     "compile_cache": compile_cache.get(name), "grad_rel_err": errors.get(name)}
     return out
 
 
@@ -272,10 +289,12 @@ def row(op: str, path: str, provider: str, shape, steps: int, bptt, schedule: st
     timing = figures["timing"]
     return {
         "op": op, "path": path, "provider": provider, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
-        "pass": "train_step", "steps": steps, "bptt": bptt, "schedule": schedule, "compiled": path == "compile",
+        "pass": "train_step", "steps": steps, "bptt": bptt, "schedule": schedule,
+        "compiled": path.startswith("compile"),
         "ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "repeats": timing.repeats,
         "gbps": None, "frac_peak": None, "peak_mem_mib": figures["peak_bytes"] / common.MIB,
-        "compile_s": figures["compile_s"], "grad_rel_err": figures["grad_rel_err"],
+        "compile_s": figures["compile_s"], "compile_cache": figures["compile_cache"],
+        "grad_rel_err": figures["grad_rel_err"],
     }
 
 
@@ -299,6 +318,7 @@ def run(args) -> dict:
         size, unet_batch, cbl_batch = 16, 1, 2
         steps_list, cbl_steps_list = [2, 3], [2]
         compile_steps = _int_list(args.compile_steps or "none")  # the smoke test may ask for a compiled path
+        network_compile_steps = _int_list(args.compile_network_steps or "none")
         cbl_compile_steps = _int_list(args.cbl_compile_steps or "none")
         args.repeats, args.budget = 1, 0.0
         unet_config, cbl_config = SMOKE_UNET, SMOKE_CBL
@@ -308,6 +328,7 @@ def run(args) -> dict:
         cbl_batch = args.cbl_batch or (128 if gpu else 8)
         steps_list, cbl_steps_list = _int_list(args.steps), _int_list(args.cbl_steps)
         compile_steps = _int_list(args.compile_steps or "5")
+        network_compile_steps = _int_list(args.compile_network_steps or ",".join(map(str, steps_list)))
         cbl_compile_steps = _int_list(args.cbl_compile_steps or "2")
         unet_config, cbl_config = UNET_CONFIG, CBL_CONFIG
     models = set(args.models.split(","))
@@ -329,12 +350,14 @@ def run(args) -> dict:
         unit = TrainStep(feedforward, lambda: summed_loss_backward(feedforward, x, target, {}))
         for steps in steps_list:
             progress.set_postfix_str(f"FeedbackUNet T={steps}")
-            paths = [p for p in UNET_PATHS if p != "compile" or steps in compile_steps]
+            paths = [p for p in UNET_PATHS if (p != "compile" or steps in compile_steps)
+                     and (p != "compile_network" or steps in network_compile_steps)]
             steps_by_path = {p: make_unet_step(p, unet_config, x, target, steps, device, dtype) for p in paths}
             figures = measure(steps_by_path, unit, device, args, f"FeedbackUNet T={steps}")
             for path in paths:
-                rows.append(row("feedback_unet_train_step", path, _provider(path, device, dtype), x.shape, steps,
-                                "checkpoint" if path == "checkpoint" else "full", _schedule(path), figures[path], dtype))
+                bptt = "checkpoint" if path == "checkpoint" else "full"
+                rows.append(row("feedback_unet_train_step", path, _provider(path, device, dtype), x.shape, steps, bptt,
+                                _schedule(path), figures[path], dtype))
             rows.append(row("feedforward_unet_train_step", "feedforward", _provider("default", device, dtype), x.shape,
                             steps, None, "single_pass", figures["unit"], dtype))
             progress.update(1)
@@ -366,12 +389,18 @@ def run(args) -> dict:
                   "default": "backend=None (fastest available fbkernels backend), summed loss, one backward",
                   "checkpoint": "backend=None, bptt='checkpoint', summed loss, one backward",
                   "compile": "torch.compile(model with backend=None, dynamic=False), summed loss, one backward",
+                  "compile_network": "model with backend=None whose per-step network is torch.compile(network, "
+                                     "dynamic=False) (the loop and the fused state update stay eager), summed loss, "
+                                     "one backward",
                   "feedforward": "the unit: FeedforwardUNet (or StandardCNN for CBLCNN) training step"},
-        "grad_tol": args.grad_tol, "compile_steps": compile_steps, "cbl_compile_steps": cbl_compile_steps,
+        "grad_tol": args.grad_tol, "compile_steps": compile_steps, "compile_network_steps": network_compile_steps,
+        "cbl_compile_steps": cbl_compile_steps,
         "unet_config": {**unet_config, "batch": unet_batch, "size": size},
         "cbl_config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in cbl_config.items()},
                        "batch": cbl_batch, "size": 32},
         "optimizer": "Adam(lr=1e-3)", "loss": "sum over steps of mean cross-entropy",
+        "inductor_cache_dir": torch._inductor.runtime.cache_dir_utils.cache_dir(),
+        "fresh_compile_cache": bool(args.fresh_compile_cache),
         "early_exit_available": "tol" in inspect.signature(fbkernels.models.FeedbackLoop.forward).parameters,
     })
     payload["fastest"] = fastest_paths(rows)
@@ -475,6 +504,13 @@ def headline(rows: list[dict]) -> list[dict]:
             for r in rows if r["op"] in UNIT_OP]
 
 
+def _compile_cell(r: dict):
+    if r["compile_s"] is None:
+        return None
+    hits = (r.get("compile_cache") or {}).get("fxgraph_cache_hit", 0)
+    return f"{r['compile_s']:.0f}" + (" (warm cache)" if hits else "")
+
+
 def print_report(payload: dict) -> None:
     names = {"feedback_unet_train_step": "FeedbackUNet", "feedforward_unet_train_step": "FeedforwardUNet (unit)",
              "cbl_cnn_train_step": "CBLCNN", "standard_cnn_train_step": "StandardCNN (unit)"}
@@ -487,7 +523,7 @@ def print_report(payload: dict) -> None:
     table = [[names[r["op"]], common.shape_str(r["shape"]), r["steps"], r["path"], r["provider"], r["ms"],
               f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}", r["peak_mem_mib"], fmt(r["speedup_vs_reference"], "{:.2f}x"),
               fmt(r["memory_vs_reference"], "{:.2f}x"), fmt(r["ms_in_unit"], "{:.2f}"), fmt(r["mem_in_unit"], "{:.2f}"),
-              fmt(r["compile_s"], "{:.0f}"), fmt(r["grad_rel_err"], "{:.1e}")]
+              _compile_cell(r), fmt(r["grad_rel_err"], "{:.1e}")]
              for r in payload["results"]]
     print(f"## train_step on {payload['device']} (torch {payload['torch']}, {payload['dtype']}, {payload['date']})\n")
     print(common.markdown_table(columns, table))
@@ -502,7 +538,7 @@ def print_report(payload: dict) -> None:
 
 
 COLOURS = {"reference": "tab:red", "eager": "tab:gray", "default": "tab:blue", "checkpoint": "tab:cyan",
-           "compile": "tab:purple", "feedforward": "black"}
+           "compile": "tab:purple", "compile_network": "tab:green", "feedforward": "black"}
 
 
 def plot(payload: dict, path: Path) -> Path:
@@ -555,6 +591,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile-steps", default=None,
                         help="the T at which FeedbackUNet is also compiled (default 5; 'none' to skip; each costs "
                              "minutes of compilation on a CPU; --smoke: none)")
+    parser.add_argument("--compile-network-steps", default=None,
+                        help="the T at which FeedbackUNet runs with torch.compile(model.network) (default: every T "
+                             "of --steps; 'none' to skip; --smoke: none)")
     parser.add_argument("--cbl-steps", default="2,10", help="CBLCNN refinement counts T (default 2,10)")
     parser.add_argument("--cbl-compile-steps", default=None,
                         help="the T at which CBLCNN is compiled (default 2; --smoke: none)")
@@ -566,6 +605,9 @@ def parse_args(argv=None):
                         help="seconds of timed steps per compared group, beyond the minimum repeats (default 10)")
     parser.add_argument("--grad-tol", type=float, default=1e-4,
                         help="largest allowed max|g - g_eager| / max|g_eager| per parameter (default 1e-4)")
+    parser.add_argument("--fresh-compile-cache", action="store_true",
+                        help="compile into a new, empty inductor cache directory (TORCHINDUCTOR_CACHE_DIR): the "
+                             "compile time a first-time user sees; without it a warm cache can hide code generation")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny models, T in 2,3 (CBL 2), one repeat, no compile: checks that the script runs")
     args = parser.parse_args(argv)
@@ -593,6 +635,12 @@ def write_outputs(args, payload: dict) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.fresh_compile_cache:
+        import os
+        import tempfile
+
+        # Read by inductor when it first compiles, so setting it before any compilation is enough.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fbkernels_train_step_inductor_")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     write_outputs(args, run(args))

@@ -64,7 +64,8 @@ def test_gradient_error_flags_a_perturbed_gradient(bench):
 def test_reference_schedule_gradients_equal_the_summed_loss(bench):
     x, target = _unet_data()
     steps = 4
-    grads = {path: bench.make_unet_step(path, TINY_UNET, x, target, steps, torch.device("cpu"), torch.float32).gradients()
+    device = torch.device("cpu")
+    grads = {path: bench.make_unet_step(path, TINY_UNET, x, target, steps, device, torch.float32).gradients()
              for path in ("reference", "eager", "default", "checkpoint")}
     for path in ("reference", "default", "checkpoint"):
         assert bench.assert_equal_gradients(grads["eager"], grads[path], 1e-5, path) <= 1e-5
@@ -129,3 +130,22 @@ def test_train_step_smoke(tmp_path):
     assert len(payload["summary"]) == 3 and all("reference schedule" in line for line in payload["summary"])
     assert set(payload["fastest"]) == {"FeedbackUNet T=2", "FeedbackUNet T=3", "CBLCNN T=2"}
     assert "| model | input | T | path |" in proc.stdout and "summary: FeedbackUNet T=2" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.bench
+def test_train_step_smoke_compiled_paths(tmp_path):
+    """Both compiled paths (whole model, network only) pass the gradient check and report their compile time."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "train_step.py"), "--smoke", "--models", "unet", "--compile-steps", "2",
+         "--compile-network-steps", "2", "--device", "cpu", "--threads", "1", "--out", str(tmp_path),
+         "--no-progress", "--no-plot"],
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    payload = json.loads(next(tmp_path.glob("train_step_*_smoke.json")).read_text())
+    compiled = [r for r in payload["results"] if r["compiled"]]
+    assert {(r["path"], r["steps"]) for r in compiled} == {("compile", 2), ("compile_network", 2)}
+    for row in compiled:
+        assert row["compile_s"] > 0 and row["grad_rel_err"] <= payload["grad_tol"]
+        assert set(row["compile_cache"]) == {"fxgraph_cache_hit", "fxgraph_cache_miss"}
