@@ -11,7 +11,9 @@ Adam step. Paths compared, on the same model, data and seed (identical initial w
               each of the first T-1 steps `CE(logits_t, y).backward(retain_graph=True)`, then the final step's
               loss backward, i.e. T(T+1)/2 network backwards; the state update in plain PyTorch autograd
               (fbkernels' eager reference functions, no custom op), and, like the authors' loop, the
-              equilibrium test |sum|h_t| - sum|h_{t-1}|| <= 1e-5 after each step (it stops the loop early).
+              equilibrium test |sum|h_t| - sum|h_{t-1}|| <= 1e-5 after each step. The authors' loop stops
+              there; the bench runs all T steps (same gradient on every path) and reports the step after
+              which the test held as equilibrium_step (with the decay M(t) -> 0, it holds before T=20).
   eager       FeedbackUNet(backend="eager"): the loss summed over the steps, one backward.
   default     FeedbackUNet(backend=None): the fastest available fbkernels backend (cpp on CPU), one backward.
   checkpoint  as default with bptt="checkpoint" (network activations recomputed in backward).
@@ -115,16 +117,18 @@ def summed_loss_backward(model, x, target, forward_kwargs) -> None:
     total.backward()
 
 
-def unet_reference_backward(model, x, target, steps: int) -> int:
-    """The reference implementation's schedule on ``model``'s network, head and decay; returns the steps run.
+def unet_reference_backward(model, x, target, steps: int, *, stop_at_equilibrium: bool = False) -> int | None:
+    """The reference implementation's schedule on ``model``'s network, head and decay.
 
     Each of the first T-1 steps backpropagates its own loss through the whole trajectory so far (retaining
-    the graph), then stops early if the state's absolute sum moved by <= 1e-5 (the authors' equilibrium
-    test); the final step's loss is backpropagated last. The gradient is that of the summed loss.
+    the graph) and evaluates the authors' equilibrium test (the state's absolute sum moved by <= 1e-5); the
+    final step's loss is backpropagated last. The gradient is that of the summed loss. Returns the step after
+    which the test held (None if never). With ``stop_at_equilibrium`` the loop stops there, as the authors'
+    does; the bench runs all T steps so that every path computes the same gradient.
     """
     k, l = model.num_classes, model.seg_channels
     v = x.new_zeros((x.shape[0], k, *x.shape[2:]))
-    h, previous_sum, t = None, float("inf"), 1
+    h, previous_sum, t, settled = None, float("inf"), 1, None
 
     def step(h, v, t):
         f = model.network(torch.cat([x, v], dim=1))
@@ -140,12 +144,14 @@ def unet_reference_backward(model, x, target, steps: int) -> int:
         loss.backward(retain_graph=True)
         state_sum = float(h.detach().abs().sum())
         t += 1
-        if abs(state_sum - previous_sum) <= EQUILIBRIUM_ATOL:
-            break
+        if settled is None and abs(state_sum - previous_sum) <= EQUILIBRIUM_ATOL:
+            settled = t - 1
+            if stop_at_equilibrium:
+                break
         previous_sum = state_sum
     h, v, loss = step(h, v, t)
     loss.backward()
-    return t
+    return settled
 
 
 def cbl_reference_backward(model, x, target) -> int:
@@ -180,6 +186,7 @@ class TrainStep:
         self.model = model  # the nn.Module whose parameters are trained (the uncompiled one under compile)
         self.loss_backward = loss_backward
         self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        self.info: dict = {}  # what a schedule reports about its last step (the reference's equilibrium step)
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -240,7 +247,9 @@ def assert_equal_gradients(expected: dict, actual: dict, tol: float, label: str)
 def make_unet_step(path: str, config: dict, x, target, steps: int, device, dtype) -> TrainStep:
     model = build_unet(config, path, device, dtype)
     if path == "reference":
-        return TrainStep(model, lambda: unet_reference_backward(model, x, target, steps))
+        train_step = TrainStep(model, lambda: train_step.info.update(
+            equilibrium_step=unet_reference_backward(model, x, target, steps)))
+        return train_step
     if path == "compile_network":
         # The per-step network compiled once and reused by every step: compilation no longer grows with T.
         model.network = torch.compile(model.network, dynamic=False)
@@ -290,6 +299,7 @@ def measure(steps_by_path: dict, unit: TrainStep, device, args, label: str) -> d
     for name, fn in fns.items():
         peak = common.peak_memory_bytes(fn.prepared(), device)
         out[name] = {"timing": timings[name], "peak_bytes": peak, "compile_s": compile_s.get(name),
+                     "equilibrium_step": fn.info.get("equilibrium_step"),
                      "compile_cache": compile_cache.get(name), "grad_rel_err": errors.get(name)}
     return out
 
@@ -303,6 +313,7 @@ def row(op: str, path: str, provider: str, shape, steps: int, bptt, schedule: st
         "ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "repeats": timing.repeats,
         "gbps": None, "frac_peak": None, "peak_mem_mib": figures["peak_bytes"] / common.MIB,
         "compile_s": figures["compile_s"], "compile_cache": figures["compile_cache"],
+        "equilibrium_step": figures["equilibrium_step"],
         "grad_rel_err": figures["grad_rel_err"],
     }
 

@@ -149,3 +149,20 @@ def test_train_step_smoke_compiled_paths(tmp_path):
     for row in compiled:
         assert row["compile_s"] > 0 and row["grad_rel_err"] <= payload["compile_grad_tol"]
         assert set(row["compile_cache"]) == {"fxgraph_cache_hit", "fxgraph_cache_miss"}
+
+
+@pytest.mark.slow
+def test_reference_reports_the_authors_equilibrium_step(bench):
+    """With the decay M(t) -> 0 the state settles: the authors' test holds before T=20, and stopping there (their
+    loop) gives another gradient than the T-step one that every path of the bench computes."""
+    x, target = _unet_data()
+    device = torch.device("cpu")
+    full = bench.make_unet_step("reference", TINY_UNET, x, target, 20, device, torch.float32)
+    grads = full.gradients()
+    settled = full.info["equilibrium_step"]
+    assert settled is not None and 1 < settled < 20
+    model = bench.build_unet(TINY_UNET, "reference", device, torch.float32)
+    stopped = bench.TrainStep(model, lambda: bench.unet_reference_backward(model, x, target, 20,
+                                                                           stop_at_equilibrium=True))
+    with pytest.raises(AssertionError):
+        bench.assert_equal_gradients(grads, stopped.gradients(), 1e-4, "stopped")
