@@ -591,9 +591,9 @@ def plot(payload: dict, path: Path) -> Path:
             axes[1][col].axis("off")
             continue
         axes[0][col].set(xlabel="feedback steps T", ylabel="median training step, ms (log)", yscale="log",
-                         title=f"{title}: step time (labels: x faster than reference)")
+                         title=f"{title}\nstep time (labels: x faster than reference)")
         axes[1][col].set(xlabel="feedback steps T", ylabel="peak memory above baseline, MiB",
-                         title=f"{title}: peak memory")
+                         title=f"{title}\npeak memory")
         for ax in (axes[0][col], axes[1][col]):
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
