@@ -1,0 +1,168 @@
+"""bench/train_step.py: the smoke run writes JSON of the documented form, and its gradient check catches a broken path.
+
+No timing assertions (the machine is shared). The reference schedule's gradients are checked against the summed
+loss's on a tiny model: the comparison the benchmark relies on before it times anything.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+ROW_KEYS = {"op", "path", "provider", "dtype", "shape", "pass", "steps", "bptt", "schedule", "ms", "p20_ms", "p80_ms",
+            "peak_mem_mib", "compile_s", "grad_rel_err", "speedup_vs_reference", "memory_vs_reference", "ms_in_unit",
+            "mem_in_unit", "gbps", "frac_peak"}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(BENCH))
+    return train_step
+
+
+TINY_UNET = {"in_channels": 3, "num_classes": 2, "seg_channels": 3, "width": 4, "depth": 1}
+TINY_CBL = {"in_channels": 3, "num_classes": 4, "alpha": 0.0, "context_dim": 4, "mode": "state",
+            "widths": (4, 4, 4, 4), "hidden": 4}
+
+
+def _unet_data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(1, 3, 8, 8, generator=gen), torch.randint(0, 2, (1, 8, 8), generator=gen)
+
+
+def test_gradient_error_flags_a_perturbed_gradient(bench):
+    expected = {"a": torch.tensor([1.0, -2.0, 4.0]), "b": torch.tensor([[0.5]]), "unused": None}
+    same = {name: None if g is None else g.clone() for name, g in expected.items()}
+    assert bench.gradient_error(expected, same) == (0.0, "")
+    assert bench.assert_equal_gradients(expected, same, 1e-6, "same") == 0.0
+
+    perturbed = {**same, "a": expected["a"] + torch.tensor([0.0, 0.0, 4e-3])}  # 1e-3 of max|g|
+    error, name = bench.gradient_error(expected, perturbed)
+    assert name == "a" and error == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(AssertionError, match="'a'"):
+        bench.assert_equal_gradients(expected, perturbed, 1e-4, "perturbed")
+    # A gradient where none is expected, a missing one and a NaN are failures too.
+    with pytest.raises(AssertionError, match="'unused'"):
+        bench.assert_equal_gradients(expected, {**same, "unused": torch.ones(2)}, 1e-4, "extra")
+    with pytest.raises(AssertionError, match="'b'"):
+        bench.assert_equal_gradients(expected, {**same, "b": None}, 1e-4, "missing")
+    with pytest.raises(AssertionError, match="'a'"):
+        bench.assert_equal_gradients(expected, {**same, "a": torch.full((3,), float("nan"))}, 1e-4, "nan")
+
+
+def test_reference_schedule_gradients_equal_the_summed_loss(bench):
+    x, target = _unet_data()
+    steps = 4
+    device = torch.device("cpu")
+    grads = {path: bench.make_unet_step(path, TINY_UNET, x, target, steps, device, torch.float32).gradients()
+             for path in ("reference", "eager", "default", "checkpoint")}
+    for path in ("reference", "default", "checkpoint"):
+        assert bench.assert_equal_gradients(grads["eager"], grads[path], 1e-5, path) <= 1e-5
+
+
+def test_gradient_check_catches_a_schedule_that_drops_steps(bench):
+    """A per-step schedule that forgets the retained steps' losses (only the last one backpropagated) fails."""
+    x, target = _unet_data()
+    device = torch.device("cpu")
+    eager = bench.make_unet_step("eager", TINY_UNET, x, target, 3, device, torch.float32)
+    model = bench.build_unet(TINY_UNET, "reference", device, torch.float32)
+
+    def last_step_only():
+        F.cross_entropy(model(x, steps=3)[-1], target).backward()
+
+    broken = bench.TrainStep(model, last_step_only)
+    with pytest.raises(AssertionError, match="differs from the eager path"):
+        bench.assert_equal_gradients(eager.gradients(), broken.gradients(), 1e-4, "broken")
+
+
+def test_cbl_reference_schedule_gradients_equal_the_summed_loss(bench):
+    gen = torch.Generator().manual_seed(2)
+    x, target = torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 4, (2,), generator=gen)
+    device = torch.device("cpu")
+    grads = {path: bench.make_cbl_step(path, TINY_CBL, x, target, 3, device, torch.float32).gradients()
+             for path in ("reference", "eager", "default")}
+    for path in ("reference", "default"):
+        bench.assert_equal_gradients(grads["eager"], grads[path], 1e-5, path)
+
+
+@pytest.mark.bench
+def test_train_step_smoke(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "train_step.py"), "--smoke", "--device", "cpu", "--threads", "1", "--out",
+         str(tmp_path), "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    files = sorted(tmp_path.glob("train_step_*_smoke.json"))
+    assert len(files) == 1, files
+    assert files[0].with_suffix(".png").stat().st_size > 0
+    payload = json.loads(files[0].read_text())
+    assert payload["smoke"] is True and payload["device"] and payload["torch"] == torch.__version__
+    assert payload["peak_mem_method"] and payload["timing_method"]
+    rows = payload["results"]
+    for row in rows:
+        assert ROW_KEYS <= set(row), row
+        assert row["ms"] > 0 and row["p20_ms"] <= row["ms"] <= row["p80_ms"] and row["peak_mem_mib"] > 0
+        assert row["speedup_vs_reference"] > 0 and row["ms_in_unit"] > 0
+    seen = {(r["op"], r["path"], r["steps"]) for r in rows}
+    for steps in (2, 3):
+        for path in ("reference", "eager", "default", "checkpoint"):
+            assert ("feedback_unet_train_step", path, steps) in seen
+        assert ("feedforward_unet_train_step", "feedforward", steps) in seen
+    for path in ("reference", "eager", "default"):
+        assert ("cbl_cnn_train_step", path, 2) in seen
+    for row in rows:
+        if row["path"] not in ("feedforward",):
+            assert row["grad_rel_err"] <= payload["grad_tol"]
+        if row["path"] == "reference":
+            assert row["speedup_vs_reference"] == 1.0 and row["schedule"] == "per_step_backward"
+    assert len(payload["summary"]) == 3 and all("reference schedule" in line for line in payload["summary"])
+    assert set(payload["fastest"]) == {"FeedbackUNet T=2", "FeedbackUNet T=3", "CBLCNN T=2"}
+    assert "| model | input | T | path |" in proc.stdout and "summary: FeedbackUNet T=2" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.bench
+def test_train_step_smoke_compiled_paths(tmp_path):
+    """Both compiled paths (whole model, network only) pass the gradient check and report their compile time."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "train_step.py"), "--smoke", "--models", "unet", "--compile-steps", "2",
+         "--compile-network-steps", "2", "--device", "cpu", "--threads", "1", "--out", str(tmp_path),
+         "--no-progress", "--no-plot"],
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    payload = json.loads(next(tmp_path.glob("train_step_*_smoke.json")).read_text())
+    compiled = [r for r in payload["results"] if r["compiled"]]
+    assert {(r["path"], r["steps"]) for r in compiled} == {("compile", 2), ("compile_network", 2)}
+    for row in compiled:
+        assert row["compile_s"] > 0 and row["grad_rel_err"] <= payload["compile_grad_tol"]
+        assert set(row["compile_cache"]) == {"fxgraph_cache_hit", "fxgraph_cache_miss"}
+
+
+@pytest.mark.slow
+def test_reference_reports_the_authors_equilibrium_step(bench):
+    """With the decay M(t) -> 0 the state settles: the authors' test holds before T=20, and stopping there (their
+    loop) gives another gradient than the T-step one that every path of the bench computes."""
+    x, target = _unet_data()
+    device = torch.device("cpu")
+    full = bench.make_unet_step("reference", TINY_UNET, x, target, 20, device, torch.float32)
+    grads = full.gradients()
+    settled = full.info["equilibrium_step"]
+    assert settled is not None and 1 < settled < 20
+    model = bench.build_unet(TINY_UNET, "reference", device, torch.float32)
+    stopped = bench.TrainStep(model, lambda: bench.unet_reference_backward(model, x, target, 20,
+                                                                           stop_at_equilibrium=True))
+    with pytest.raises(AssertionError):
+        bench.assert_equal_gradients(grads, stopped.gradients(), 1e-4, "stopped")
