@@ -181,7 +181,10 @@ class FeedbackLoop(nn.Module):
     [B, k, ...], one per step run; with ``return_states`` -> (logits list, states list h(1..), each
     [B, l + k, *S]). ``steps`` (default ``self.steps``) is the number of steps, or with ``tol`` the
     maximum: the loop then stops after the first step t >= 2 whose root-mean-square state change over
-    the whole batch, sqrt(mean((h(t) - h(t-1))**2)), is below ``tol`` (one host synchronisation per step).
+    the whole batch, sqrt(mean((h(t) - h(t-1))**2)), is below ``tol`` (one host synchronisation per step,
+    so ``tol`` is for eager inference: inside torch.compile(fullgraph=True) it cannot be traced).
+    The whole model compiles with fullgraph=True in both bptt modes; a checkpointed network with
+    BatchNorm uses checkpoint's context_fn (to keep its statistics), which torch.compile rejects.
 
     Args:
         num_classes: k, the number of feedback channels (one per class); k = 1 needs softmax=False
