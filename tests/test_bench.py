@@ -130,24 +130,6 @@ def test_peak_memory_counts_live_temporaries():
     assert 5 * mib <= peak < 5 * mib + 64 * 1024
 
 
-def test_train_step_smoke(tmp_path):
-    providers = ["eager", *_fused_cpu_providers()]
-    stdout, payload = _run(
-        "train_step.py", "--smoke", "--providers", ",".join(providers), tmp_path=tmp_path,
-    )
-    _check_common(payload)
-    assert "| model | input | T | bptt |" in stdout
-    unet = [r for r in payload["results"] if r["op"] == "feedback_unet_train_step"]
-    cbl = [r for r in payload["results"] if r["op"] == "cbl_cnn_train_step"]
-    assert {(r["provider"], r["steps"], r["bptt"]) for r in unet} == {
-        (p, t, b) for p in providers for t in (1, 2) for b in ("full", "checkpoint")
-    }
-    assert {r["provider"] for r in cbl} == set(providers)
-    for row in payload["results"]:
-        assert row["pass"] == "train_step" and row["gbps"] is None
-        assert row["peak_mem_mib"] > 0  # gradients alone are allocated afresh every step
-
-
 def test_default_output_is_outside_the_committed_results():
     common = _bench_module("_common")
     assert common.DEFAULT_OUT == REPO / "runs" / "bench"

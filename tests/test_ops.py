@@ -67,6 +67,8 @@ FEEDBACK_SHAPES = [
     (1, 33, 3, (2, 3, 5)),
     (3, 64, 1, (4, 6)),
     (1, 64, 64, (1, 1, 1)),
+    (2, 65, 3, (3, 7)),      # Triton: grad_decay by a matmul on g above D_PAD 64
+    (1, 130, 2, (2, 5)),     # Triton: both passes by matmuls above D_PAD 128
     (2, 18, 2, (37, 41)),
     (16, 18, 2, (512, 512)),
 ]
@@ -74,7 +76,8 @@ FEEDBACK_SHAPES = [
 # CBL-CNN-like maps: many channels on a few positions, and a batch of 128 (GPU only).
 GATE_SHAPES = [(1, 3, (5, 7), 0.0), (0, 4, (2, 2), 0.3), (2, 16, (), 1.0), (2, 7, (1, 1), 0.3), (3, 64, (9,), 0.0),
                (2, 5, (2, 3, 4), 0.7), (2, 5, (11, 13), 1.0), (4, 8, (40, 33), 0.3), (2, 5, (257, 129), 0.0),
-               (4, 512, (4, 4), 1.0), (128, 64, (32, 32), 0.3)]
+               (4, 512, (4, 4), 1.0), (128, 64, (32, 32), 0.3),
+               (2, 16, (2, 2), 0.0), (1, 9, (16, 16), 0.3)]
 
 
 def _skip_unsupported(backend, device, dtype, B, channels, positions, op="feedback_step"):
