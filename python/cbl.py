@@ -1,4 +1,4 @@
-"""CBL-CNN against the standard CNN (EXPERIMENTS.md B): per-seed runs, test accuracy, curves, paired t-test.
+"""CBL-CNN against the standard CNN (docs/experiments.md B): per-seed runs, test accuracy, curves, paired t-test.
 
     python python/cbl.py --preset quick                        # synthetic data, minutes on a 2-core CPU
     python python/cbl.py --preset paper --dataset cifar10 --data-dir ~/data/cifar10 --device cuda
@@ -47,7 +47,7 @@ PRESETS = {
                   widths=(16, 32, 32, 64), hidden=64, context_dim=32, steps=2, alpha=0.0,
                   train_size=2000, val_size=500, test_size=1000, image_size=16, noise=1.5,
                   limit_train=2000, limit_eval=1000),
-    # EXPERIMENTS.md B: Adam 1e-3 halved every 5 epochs, batch 128, 20 epochs (10 on Speech Commands), 5 runs.
+    # docs/experiments.md B: Adam 1e-3 halved every 5 epochs, batch 128, 20 epochs (10 on Speech Commands), 5 runs.
     "paper": dict(dataset="cifar10", epochs=None, batch_size=128, lr=1e-3, lr_halve_every=5, runs=5,
                   widths=(64, 128, 256, 512), hidden=256, context_dim=64, steps=2, alpha=0.0,
                   train_size=45_000, val_size=5_000, test_size=10_000, image_size=32, noise=1.5,

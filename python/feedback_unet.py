@@ -1,4 +1,4 @@
-"""Experiment A of EXPERIMENTS.md: the Feedback U-Net against its feedforward counterpart on noisy polygons.
+"""Experiment A of docs/experiments.md: the Feedback U-Net against its feedforward counterpart on noisy polygons.
 
     python python/feedback_unet.py noise      --preset quick --out python/results/quick   # A1: F1 vs sigma
     python python/feedback_unet.py trainsize  --preset quick --out ...                    # A2: F1 vs D
@@ -68,7 +68,7 @@ PRESETS = {
         train_size=100, test_size=20, seeds=2, sigmas=(0, 2, 4, 6, 8, 10), train_sizes=(1, 2, 4, 6, 8, 10),
         ablation_sigmas=(0, 4, 8), example_sigmas=(0, 4, 8), stability_sigma=6, stability_steps=15,
     ),
-    # The published setting (EXPERIMENTS.md A): 512x512, D = 200, test 20, 10 epochs, batch 1, lr 0.01.
+    # The published setting (docs/experiments.md A): 512x512, D = 200, test 20, 10 epochs, batch 1, lr 0.01.
     "paper": Preset(
         image_size=512, width=32, depth=4, seg_channels=16, steps=5, epochs=10, batch_size=1, lr=0.01,
         train_size=200, test_size=20, seeds=3, sigmas=tuple(range(11)), train_sizes=tuple(range(1, 11)),

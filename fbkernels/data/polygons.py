@@ -1,4 +1,4 @@
-"""Synthetic polygon segmentation data of the Feedback U-Net paper (EXPERIMENTS.md, experiment A).
+"""Synthetic polygon segmentation data of the Feedback U-Net paper (docs/experiments.md, experiment A).
 
 Each item is one irregular polygon on a blank image, generated as in the authors' code:
 

@@ -4,7 +4,7 @@
   block), adaptive average pooling, then two fully connected layers. Input [B, C_in, H, W], any H, W;
   output logits [B, num_classes].
 - ``ContextualLoops``: wraps any network given as ``blocks`` (feature maps [B, C_i, *S_i]) and a ``head``
-  (last map -> logits) and adds T refinement steps (DESIGN.md 1.2). Each step computes the context
+  (last map -> logits) and adds T refinement steps (docs/design.md section 1.2). Each step computes the context
   ``z = g(y)`` from the current logits, per gated block the gate logits ``a_i = W_i z + b_i`` [B, C_i],
   applies ``fbkernels.context_gate(h_i, a_i, alpha)`` (out = alpha h + (1 - alpha) h sigmoid(a)) and
   recomputes the logits. Returns the list [y(0), y(1), ..., y(T)].

@@ -1,4 +1,4 @@
-"""A plain U-Net and the two Feedback U-Net models of experiment A (DESIGN.md section 1.1).
+"""A plain U-Net and the two Feedback U-Net models of experiment A (docs/design.md section 1.1).
 
 - ``UNet(in_channels, out_channels, width, depth)``: encoder of ``depth`` 2x max-pool stages
   (widths ``width * 2**i``), decoder with bilinear upsampling and skip concatenation, each level two
