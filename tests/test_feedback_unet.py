@@ -446,3 +446,15 @@ def test_checkpoint_mode_keeps_only_the_recursion_per_step():
     recursion = (6 + 3 * 2) * 16 * 16 * 4  # (d + 3k) float32 channels of 16x16 positions
     print(f"checkpoint: {per_step:.0f} bytes per step, recursion {recursion} bytes")
     assert per_step <= 1.1 * recursion
+
+
+def test_decay_matrices_equal_the_per_step_decay():
+    from fbkernels.models import DecayMatrix
+
+    decay = DecayMatrix(6, tau=0.7, learn_rates=True).double()
+    with torch.no_grad():
+        decay.rate_logits.add_(torch.randn(6, dtype=torch.float64))
+    batched = decay.matrices(4)
+    assert batched.shape == (4, 6, 6)
+    for t in range(4):
+        torch.testing.assert_close(batched[t], decay(t), rtol=1e-12, atol=1e-12)

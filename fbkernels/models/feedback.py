@@ -1,4 +1,4 @@
-"""Generic predictive-coding feedback loop (DESIGN.md section 1.1) around any user network.
+"""Generic predictive-coding feedback loop (docs/design.md section 1.1) around any user network.
 
 ``FeedbackLoop(network, head, num_classes=k, seg_channels=l)`` turns a network F mapping the
 concatenation [x, v] ([B, C_in + k, *S]) to d = l + k channels, and a head G from the l segmentation
@@ -173,6 +173,17 @@ class DecayMatrix(nn.Module):
         with torch.autocast(self.basis.device.type, enabled=False):
             return fbkernels.decay_matrix(self.basis, self.basis_inv, self.rates, t, self.tau)
 
+    def matrices(self, steps: int) -> Tensor:
+        """``[M(0), ..., M(steps - 1)]``: [steps, d, d], equal to ``forward(t)`` for each t.
+
+        One batched computation instead of one per step: a compiled feedback loop then has one small kernel for
+        all decay matrices (and one for their gradient) instead of one per unrolled step.
+        """
+        with torch.autocast(self.basis.device.type, enabled=False):
+            times = torch.arange(steps, dtype=self.basis.dtype, device=self.basis.device)
+            scales = torch.exp(-times[:, None] * self.rates[None, :] / self.tau)
+            return (self.basis[None] * scales[:, None, :]) @ self.basis_inv
+
 
 class FeedbackLoop(nn.Module):
     """Feedback model around ``network`` ([B, C_in + k, *S] -> [B, l + k, *S]) and ``head`` ([B, l, *S] -> logits).
@@ -308,8 +319,9 @@ class FeedbackLoop(nn.Module):
         v = x.new_zeros((x.shape[0], self.num_classes, *x.shape[2:]))
         h = None
         logits, states = [], []
+        mixes = self.decay.matrices(steps) if self.decay is not None else None
         for t in range(1, steps + 1):
-            mix = self.decay(t - 1) if self.decay is not None else self.identity
+            mix = mixes[t - 1] if mixes is not None else self.identity
             if checkpointed:
                 h_next, v, y = self._checkpointed_step(x, v, h, mix, norms)
             else:
