@@ -39,7 +39,7 @@ from torch import nn
 
 import fbkernels
 
-from .feedback import check_backend_setting, check_input, check_int_setting, has_running_statistics
+from .feedback import backend_setting, check_input, check_int_setting, has_running_statistics
 
 __all__ = ["StandardCNN", "ContextualLoops", "CBLCNN", "MODES"]
 
@@ -231,13 +231,7 @@ class ContextualLoops(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {value!r}")
         self._mode = value
 
-    @property
-    def backend(self) -> str | None:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str | None) -> None:
-        self._backend = check_backend_setting(value)
+    backend = backend_setting()
 
     def unused_parameter_names(self) -> list[str]:
         """Names of this model's own parameters that ``forward(x)``'s logits do not depend on (no gradient).

@@ -67,6 +67,18 @@ def check_backend_setting(value) -> str | None:
     return value
 
 
+def backend_setting() -> property:
+    """The ``backend`` attribute of the models: checked by ``check_backend_setting`` whenever it is assigned."""
+
+    def get(self) -> str | None:
+        return self._backend
+
+    def set(self, value: str | None) -> None:
+        self._backend = check_backend_setting(value)
+
+    return property(get, set, doc="fbkernels backend of the model's ops (None: the fastest available per call)")
+
+
 def check_softmax_setting(softmax, num_classes: int) -> bool:
     """softmax must be a bool, and False when there is a single feedback channel."""
     if not isinstance(softmax, bool):
@@ -260,13 +272,7 @@ class FeedbackLoop(nn.Module):
             raise ValueError(f"bptt must be one of {list(BPTT_MODES)}, got {value!r}")
         self._bptt = value
 
-    @property
-    def backend(self) -> str | None:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str | None) -> None:
-        self._backend = check_backend_setting(value)
+    backend = backend_setting()
 
     @property
     def steps(self) -> int:

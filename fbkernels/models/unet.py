@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import fbkernels
 
-from .feedback import DecayMatrix, FeedbackLoop, check_backend_setting, check_input, check_int_setting, check_softmax_setting
+from .feedback import DecayMatrix, FeedbackLoop, backend_setting, check_input, check_int_setting, check_softmax_setting
 
 __all__ = ["UNet", "FeedbackUNet", "FeedforwardUNet"]
 
@@ -145,13 +145,7 @@ class FeedforwardUNet(nn.Module):
         self.head = nn.Conv2d(seg_channels, num_classes, 1)
         self.decay = DecayMatrix(self.state_channels, tau=tau, learn_rates=learn_rates) if decay else None
 
-    @property
-    def backend(self) -> str | None:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str | None) -> None:
-        self._backend = check_backend_setting(value)
+    backend = backend_setting()
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, in_channels=self.in_channels, spatial_dims=2)
