@@ -370,6 +370,39 @@ def new_figure(nrows: int, ncols: int, width: float = 5.0, height: float = 3.6):
     return fig, axes
 
 
+def grouped_bars(ax, categories: list[str], series: dict[str, list], colours: dict[str, str], *,
+                 labels: dict[str, list] | None = None, log: bool = False) -> None:
+    """One group of bars per category, one bar per series (value None: no bar, "n/a" written in its place).
+
+    Bars instead of lines: series that coincide stay visible side by side, and categories that are distinct
+    shapes with the same size are never drawn at one x. ``labels[name][i]`` is written above bar i of a series.
+    """
+    names = list(series)
+    width = 0.8 / max(1, len(names))
+    present = [v for values in series.values() for v in values if v is not None]
+    floor = min(present) / 2 if (log and present) else 0.0
+    for j, name in enumerate(names):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(categories))]
+        for i, (x, value) in enumerate(zip(xs, series[name])):
+            if value is None:
+                ax.text(x, floor if log else 0.0, "n/a", rotation=90, ha="center", va="bottom", fontsize=6,
+                        color=colours[name])
+                continue
+            ax.bar(x, value - floor if log else value, width, bottom=floor if log else 0.0, color=colours[name],
+                   label=name if i == next(k for k, v in enumerate(series[name]) if v is not None) else None)
+            text = labels.get(name, [None] * len(categories))[i] if labels else None
+            if text:
+                ax.annotate(text, (x, value), xytext=(0, 2), textcoords="offset points", rotation=90,
+                            ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(categories)), categories, fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    # Room above the tallest bar for its label.
+    top = max(present) if present else 1.0
+    ax.set_ylim(top=top * (4.0 if log else 1.25))
+    ax.grid(axis="y", alpha=0.3)
+
+
 def save_figure(fig, path: Path, payload: dict) -> Path:
     """Title the figure with the run's device, dtype and torch version, and save it as `path`."""
     import matplotlib.pyplot as plt

@@ -375,34 +375,53 @@ def print_headline(payload: dict) -> None:
 
 
 def plot(payload: dict, path: Path) -> Path:
-    """Time and bandwidth against state size (elements) per provider; fwd solid, fwd_bwd dashed."""
+    """Per op: fwd time, fwd_bwd time (one bar per provider and shape; fused bars labelled with their speed-up
+    over torch.compile, below 1 where slower) and the fraction of the copy bandwidth reached per shape."""
     rows = payload["results"]
     ops = [op for op in ("feedback_step", "context_gate") if any(r["op"] == op for r in rows)]
-    fig, axes = common.new_figure(max(1, len(ops)), 2)
+    fig, axes = common.new_figure(max(1, len(ops)), 3, width=5.4, height=3.8)
     colours = {"eager": "tab:gray", "compile": "tab:orange", "cpp": "tab:blue", "triton": "tab:green",
                "cuda": "tab:red"}
+    fused = [p for p in ("cpp", "triton", "cuda") if p in payload["providers"]]
+
+    def find(op, shape, provider, pass_name):
+        return next((r for r in rows if r["op"] == op and tuple(r["shape"]) == shape and r["provider"] == provider
+                     and r["pass"] == pass_name), None)
+
     for i, op in enumerate(ops):
-        ax_time, ax_bw = axes[i]
-        for provider in PROVIDERS:
-            for pass_name, style in (("fwd", "-"), ("fwd_bwd", "--")):
-                # feedback_step: only d = 18 (the model's state) so that size alone varies along a line
-                points = sorted((math.prod(r["shape"]), r["ms"], r["gbps"]) for r in rows
-                                if r["op"] == op and r["provider"] == provider and r["pass"] == pass_name
-                                and (op != "feedback_step" or r["shape"][1] == 18))
-                if not points:
-                    continue
-                x = [p[0] for p in points]
-                label = f"{provider} {pass_name}"
-                ax_time.plot(x, [p[1] for p in points], style, marker="o", color=colours[provider], label=label)
-                ax_bw.plot(x, [p[2] for p in points], style, marker="o", color=colours[provider], label=label)
-        ax_bw.axhline(payload["peak_gbps"], color="black", linestyle=":", label="peak copy")
-        suffix = " (d = 18, k = 2)" if op == "feedback_step" else " (CBL-CNN maps)"
-        ax_time.set(xscale="log", yscale="log", xlabel="state elements B*C*H*W", ylabel="median ms",
-                    title=f"{op}{suffix}: time")
-        ax_bw.set(xscale="log", xlabel="state elements B*C*H*W", ylabel="GB/s (minimal bytes)",
-                  title=f"{op}: achieved bandwidth")
-        ax_time.legend(fontsize=7)
-        ax_bw.legend(fontsize=7)
+        shapes = sorted({tuple(r["shape"]) for r in rows if r["op"] == op}, key=lambda s: (math.prod(s), s))
+        names = ["x".join(map(str, s)) for s in shapes]
+        providers = [p for p in PROVIDERS if any(r["op"] == op and r["provider"] == p for r in rows)]
+        for col, pass_name in enumerate(PASSES):
+            series, labels = {}, {}
+            for provider in providers:
+                found = [find(op, s, provider, pass_name) for s in shapes]
+                series[provider] = [None if r is None else r["ms"] for r in found]
+                if provider in fused:
+                    compiled = [find(op, s, "compile", pass_name) for s in shapes]
+                    labels[provider] = [None if r is None or c is None else f"{c['ms'] / r['ms']:.2f}x"
+                                        for r, c in zip(found, compiled)]
+            common.grouped_bars(axes[i][col], names, series, colours, labels=labels, log=True)
+            axes[i][col].set(ylabel="median ms (log)", title=f"{op} {pass_name}: time\n(labels: fused speed-up "
+                             "over torch.compile)")
+            axes[i][col].set_xlabel("shape B x C x H x W", fontsize=8)
+            axes[i][col].tick_params(axis="x", labelrotation=30)
+            axes[i][col].legend(fontsize=7, loc="upper left")
+        bandwidth = {f"{p} {pass_name}": [None if (r := find(op, s, p, pass_name)) is None else 100 * r["frac_peak"]
+                                          for s in shapes]
+                     for p in fused for pass_name in PASSES}
+        light = {"cpp": "lightblue", "triton": "lightgreen", "cuda": "lightsalmon"}  # fwd_bwd: the lighter shade
+        shade = {f"{p} {pass_name}": colours[p] if pass_name == "fwd" else light[p] for p in fused for pass_name in PASSES}
+        ax = axes[i][2]
+        if bandwidth:
+            common.grouped_bars(ax, names, bandwidth, shade)
+            ax.axhline(50, color="black", linestyle=":", label="50% (target)")
+            ax.set_ylim(0, 110)
+            ax.legend(fontsize=7, loc="upper left")
+        ax.set(ylabel="% of copy bandwidth", title=f"{op}: fused bandwidth\n(copy {payload['peak_gbps']:.1f} GB/s, "
+               "best of several large copies)")
+        ax.set_xlabel("shape B x C x H x W", fontsize=8)
+        ax.tick_params(axis="x", labelrotation=30)
     return common.save_figure(fig, path, payload)
 
 

@@ -562,41 +562,39 @@ COLOURS = {"reference": "tab:red", "eager": "tab:gray", "default": "tab:blue", "
 
 
 def plot(payload: dict, path: Path) -> Path:
+    """Per model: step time (log) and peak memory per T, one bar per path (labels: times faster / lighter than the
+    reference schedule); the feedforward network's step is the dashed unit line. A path not run at a T shows n/a."""
     rows = payload["results"]
-    fig, axes = common.new_figure(2, 2, width=6.0, height=4.2)
+    fig, axes = common.new_figure(2, 2, width=6.4, height=4.2)
     unet_cfg, cbl_cfg = payload["unet_config"], payload["cbl_config"]
-    panels = (("feedback_unet_train_step", "feedforward_unet_train_step",
+    panels = (("feedback_unet_train_step", "feedforward_unet_train_step", UNET_PATHS,
                f"FeedbackUNet w{unet_cfg['width']} d{unet_cfg['depth']}, {unet_cfg['batch']}x{unet_cfg['size']}^2"),
-              ("cbl_cnn_train_step", "standard_cnn_train_step", f"CBLCNN (state), batch {cbl_cfg['batch']}, 32^2"))
-    for col, (op, unit_op, title) in enumerate(panels):
-        for path_name in (*UNET_PATHS, "feedforward"):
-            points = sorted((r["steps"], r["ms"], r["peak_mem_mib"]) for r in rows
-                            if r["op"] in (op, unit_op) and r["path"] == path_name)
-            if not points:
-                continue
-            ts = [p[0] for p in points]
-            style = dict(marker="o", color=COLOURS[path_name], linestyle="--" if path_name == "feedforward" else "-")
-            label = "feedforward (unit)" if path_name == "feedforward" else path_name
-            axes[0][col].plot(ts, [p[1] for p in points], label=label, **style)
-            axes[1][col].plot(ts, [p[2] for p in points], label=label, **style)
-            if path_name == "reference":
-                continue
-            for t, ms, _ in points:  # speed-up over the reference next to each point
-                ref = _find(rows, op, "reference", t)
-                if ref and path_name != "feedforward":
-                    axes[0][col].annotate(f"{ref['ms'] / ms:.1f}x", (t, ms), fontsize=7, xytext=(3, -9),
-                                          textcoords="offset points", color=COLOURS[path_name])
-        if not any(r["op"] == op for r in rows):
+              ("cbl_cnn_train_step", "standard_cnn_train_step", CBL_PATHS,
+               f"CBLCNN (state), batch {cbl_cfg['batch']}, 32^2"))
+    for col, (op, unit_op, paths, title) in enumerate(panels):
+        steps = sorted({r["steps"] for r in rows if r["op"] == op})
+        if not steps:
             axes[0][col].axis("off")
             axes[1][col].axis("off")
             continue
-        axes[0][col].set(xlabel="feedback steps T", ylabel="median training step, ms (log)", yscale="log",
-                         title=f"{title}\nstep time (labels: x faster than reference)")
-        axes[1][col].set(xlabel="feedback steps T", ylabel="peak memory above baseline, MiB",
-                         title=f"{title}\npeak memory")
-        for ax in (axes[0][col], axes[1][col]):
-            ax.legend(fontsize=7)
-            ax.grid(alpha=0.3)
+        paths = [p for p in paths if any(r["op"] == op and r["path"] == p for r in rows)]
+        found = {p: [_find(rows, op, p, t) for t in steps] for p in paths}
+        reference = [_find(rows, op, "reference", t) for t in steps]
+        for row, (key, better, ylabel, log) in enumerate((("ms", "faster", "median training step, ms (log)", True),
+                                                           ("peak_mem_mib", "lighter", "peak memory, MiB", False))):
+            series = {p: [None if r is None else r[key] for r in found[p]] for p in paths}
+            labels = {p: [None if r is None or ref is None or not r[key] else f"{ref[key] / r[key]:.1f}x"
+                          for r, ref in zip(found[p], reference)] for p in paths if p != "reference"}
+            ax = axes[row][col]
+            common.grouped_bars(ax, [f"T = {t}" for t in steps], series, COLOURS, labels=labels, log=log)
+            units = [_find(rows, unit_op, "feedforward", t) for t in steps]
+            for i, unit in enumerate(units):
+                if unit is not None:
+                    ax.hlines(unit[key], i - 0.45, i + 0.45, colors=COLOURS["feedforward"], linestyles="--",
+                              label="feedforward step (unit)" if i == 0 else None)
+            ax.set(ylabel=ylabel, title=f"{title}\n{'step time' if row == 0 else 'peak memory'} "
+                                         f"(labels: x {better} than reference)")
+            ax.legend(fontsize=7, loc="upper left", ncol=2)
     return common.save_figure(fig, path, payload)
 
 
