@@ -435,8 +435,9 @@ def plot_title(args, sizes) -> str:
     if args.dataset == "synthetic" and args.image_size != 16:
         data = f"synthetic {args.image_size}x{args.image_size} images"
     return (f"preset {args.preset}, variant {args.variant} (T = {args.steps}, {args.mode}, {args.adapter})\n"
-            f"data: {data}, {sizes[0]} train / {sizes[1]} val / {sizes[2]} test; {args.epochs} epochs, "
-            f"{args.runs} seeds; device {args.device}")
+            f"data: {data}, {sizes[0]} train / {sizes[1]} val / {sizes[2]} test; {args.epochs} "
+            f"epoch{'s' if args.epochs != 1 else ''}, "
+            f"{args.runs} seed{'s' if args.runs != 1 else ''}; device {args.device}")
 
 
 def _pyplot():
@@ -537,6 +538,9 @@ def plot_accuracy(summary, ttest, runs, path, title):
         values += [mean, low, high]
         right.errorbar([position], [mean], yerr=[[mean - low], [high - mean]], fmt="D", color="black", capsize=5,
                        markersize=6, zorder=4, label="mean and 95% CI")
+    elif math.isfinite(mean):
+        values.append(mean)
+        right.scatter([position], [mean], marker="D", color="black", zorder=4, label="mean (one seed: no CI)")
     p = ttest["pvalue"]
     right.set_title("Paired difference per seed (points)" +
                     (f"\npaired t-test: t = {ttest['statistic']:.2f}, p = {p:.3f}" if math.isfinite(p) else ""),
