@@ -593,7 +593,7 @@ def test_full_quick_preset_runs(tmp_path):
     assert completed.returncode == 0, completed.stderr
     with open(tmp_path / "results.json") as file:
         saved = json.load(file)
-    assert len(saved["runs"]) == 6 and saved["summary"]["standard"]["mean"] > 0.5
+    assert len(saved["runs"]) == 2 * 5 and saved["summary"]["standard"]["mean"] > 0.5
 
 
 # ---------------------------------------------------------------- normalisation statistics per pass
