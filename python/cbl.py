@@ -139,6 +139,31 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _apply_set(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--set FIELD=VALUE``: the option whose field (dest) is FIELD gets VALUE, converted and checked as its flag's."""
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "set")}
+    for item in args.set:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            parser.error(f"--set expects FIELD=VALUE, got {item!r}")
+        if name not in actions:
+            parser.error(f"--set: unknown field {name!r}; fields: {', '.join(sorted(actions))}")
+        action = actions[name]
+        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                parser.error(f"--set {name}: expected true or false, got {text!r}")
+            value = text.lower() in ("true", "1", "yes")
+        else:
+            try:
+                value = action.type(text) if action.type else text
+            except (ValueError, argparse.ArgumentTypeError) as error:
+                parser.error(f"--set {name}: {error}")
+            if action.choices is not None and value not in action.choices:
+                parser.error(f"--set {name}: expected one of {', '.join(map(str, action.choices))}, got {text!r}")
+        setattr(args, name, value)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter, epilog=_presets_epilog())
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="sizes and settings, listed below")
@@ -190,7 +215,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="fbkernels backend of the sigmoid gate (default: fastest available)")
     parser.add_argument("--out", default="runs/cbl", help="output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="set any option by its field name, as its flag would, e.g. --set epochs=1 "
+                             "--set widths=8,8,8,8 --set learn_alpha=true")
     args = parser.parse_args(argv)
+    _apply_set(parser, args)
 
     # An explicit flag wins over the variant, the variant over the preset.
     for key, value in VARIANTS[args.variant].items():

@@ -545,6 +545,18 @@ def test_variants_set_their_bundle_and_explicit_flags_win():
             experiment.parse_args(bad)
 
 
+def test_set_fields_like_their_flags():
+    experiment = _experiment()
+    args = experiment.parse_args(["--set", "variant=authors", "--set", "epochs=1", "--set", "widths=8,8,8",
+                                  "--set", "learn_alpha=false", "--set", "loss-steps=all"])
+    assert (args.backbone, args.epochs, args.widths, args.learn_alpha, args.step_weights) == (
+        "authors", 1, (8, 8, 8), False, [1.0] * 5)
+    for bad in (["--set", "nonsense=1"], ["--set", "epochs=abc"], ["--set", "mode=loop"], ["--set", "epochs"],
+                ["--set", "learn_alpha=maybe"]):
+        with pytest.raises(SystemExit):
+            experiment.parse_args(bad)
+
+
 def test_summary_uses_the_paired_t_test():
     from scipy.stats import ttest_rel
 
@@ -715,10 +727,10 @@ def test_unused_parameter_names_match_the_gradients():
 # ---------------------------------------------------------------- mixed precision
 
 
-@pytest.mark.parametrize("mode", ["repropagate", "state"])
+@pytest.mark.parametrize("mode", ["repropagate", "state", "authors"])
 def test_bfloat16_autocast_runs_and_stays_close_to_float32(mode):
     torch.manual_seed(0)
-    model = _cbl(mode=mode).eval()
+    model = (_authors(alpha=0.2) if mode == "authors" else _cbl(mode=mode)).eval()
     x = torch.randn(4, 3, 16, 16)
     reference = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
