@@ -436,9 +436,10 @@ def table(summary, ttest, runs) -> str:
         means = [float(np.mean([p[f"accuracy_pass{t}"] for p in passes])) for t in range(count)]
         lines.append("CBL-CNN test accuracy per pass, mean over runs: " +
                      ", ".join(f"y({t}) {_points(m)}" for t, m in enumerate(means)) + ".")
-    alphas = [r["alpha"] for r in runs if r["model"] == "cbl" and r.get("alpha") is not None]
+    alphas = [(r["alpha"], r.get("alpha_parameter")) for r in runs if r["model"] == "cbl" and r.get("alpha") is not None]
     if alphas:
-        lines.append("Learned alpha after training, per run: " + ", ".join(f"{a:.3f}" for a in alphas) + ".")
+        lines.append("Learned alpha after training, per run (the parameter before the clamp to [0, 1] in brackets): " +
+                     ", ".join(f"{a:.3f} ({raw:.3f})" if raw is not None else f"{a:.3f}" for a, raw in alphas) + ".")
     return "\n".join(lines)
 
 
@@ -659,8 +660,11 @@ def main(argv=None):
                 num_workers=args.num_workers,
             )
             test = evaluate(model, test_set)
-            learned_alpha = getattr(model, "alpha", None) if getattr(model, "learn_alpha", False) else None
-            runs.append({"model": name, "seed": seed, "test": test, "history": history, "alpha": learned_alpha,
+            learned = getattr(model, "learn_alpha", False)
+            # alpha as the forward uses it (clamped to [0, 1]) and the parameter itself, which may lie beyond a bound.
+            alpha = {"alpha": model.alpha if learned else None,
+                     "alpha_parameter": float(model.alpha_parameter.detach()) if learned else None}
+            runs.append({"model": name, "seed": seed, "test": test, "history": history, **alpha,
                          "parameters": sum(p.numel() for p in model.parameters()),
                          "seconds_this_call": time.perf_counter() - started})
             if main_process:

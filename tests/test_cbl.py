@@ -515,7 +515,7 @@ def test_authors_variant_end_to_end(tmp_path):
     assert config["learn_alpha"] and config["step_weights"] == [0.0, 0.0, 0.0, 0.0, 1.0]
     assert config["lr_halve_every"] == 0 and config["standard_dropout"] == 0.5
     cbl_runs = [r for r in result["runs"] if r["model"] == "cbl"]
-    assert all(0.0 <= r["alpha"] <= 1.0 for r in cbl_runs)
+    assert all(0.0 <= r["alpha"] <= 1.0 and r["alpha"] == min(max(r["alpha_parameter"], 0.0), 1.0) for r in cbl_runs)
     assert {"accuracy_pass0", "accuracy_pass4"} <= set(cbl_runs[0]["test"])
     assert os.path.getsize(os.path.join(out, "accuracy.png")) > 1000
     with open(os.path.join(out, "results.md")) as file:
