@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import fbkernels
-from fbkernels.models import CBLCNN, ContextualLoops, StandardCNN
+from fbkernels.models import CBLCNN, ContextualLoops, SmallCNN, StandardCNN
+from fbkernels.models.cbl import ConcatReluAdapter
 from fbkernels.train import step_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,8 +23,31 @@ def _cbl(**kwargs):
     return CBLCNN(3, 7, **options)
 
 
+AUTHORS_SMALL = dict(backbone="authors", widths=(4, 6, 8), hidden=12, pooled_size=4)
+
+
+def _authors(**kwargs):
+    """The authors' reading on a small network: SmallCNN, linear context, concat-ReLU adapters, learned alpha,
+    T = 4, "state" mode."""
+    options = dict(AUTHORS_SMALL, context_dim=5, context_map="linear", adapter="concat_relu", learn_alpha=True,
+                   steps=4, mode="state")
+    options.update(kwargs)
+    return CBLCNN(3, 7, **options)
+
+
 def _gate(h, a, alpha):
-    return alpha * h + (1 - alpha) * h * torch.sigmoid(a)[:, :, None, None]
+    return alpha * h + (1 - alpha) * h * torch.sigmoid(a).reshape(*a.shape, *([1] * (h.dim() - 2)))
+
+
+def _concat_relu(h, z, linear, alpha):
+    """The authors' refinement, written out: alpha h + (1 - alpha) ReLU(W [h, c] + b), c = mean(z) per position
+    for a map, z for a vector."""
+    if h.dim() == 2:
+        new = torch.relu(linear(torch.cat([h, z], dim=1)))
+    else:
+        c = z.mean(dim=1)[:, None, None, None].expand(-1, 1, *h.shape[2:])
+        new = torch.relu(torch.nn.functional.conv2d(torch.cat([h, c], dim=1), linear.weight[:, :, None, None], linear.bias))
+    return alpha * h + (1 - alpha) * new
 
 
 # ---------------------------------------------------------------- shapes and gradients
@@ -252,6 +276,179 @@ def test_cbl_trains_on_a_tiny_batch():
     assert float(loss.detach()) < 0.5 * first
 
 
+# ---------------------------------------------------------------- the authors' network and options
+
+
+def test_small_cnn_is_the_authors_network():
+    model = SmallCNN(3, 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(128 * 8 * 8, 256), (256, 10)]
+    x = torch.randn(2, 3, 32, 32)
+    states = []
+    h = x
+    for block in model.blocks:
+        h = block(h)
+        states.append(tuple(h.shape))
+    assert states == [(2, 32, 32, 32), (2, 64, 16, 16), (2, 128, 8, 8), (2, 256)]
+    assert model.block_channels == (32, 64, 128, 256) and model.vector_blocks == (3,)
+    # Speech-Commands-like inputs: the adaptive pooling makes the FC input fixed.
+    assert model(torch.randn(2, 3, 64, 101)).shape == (2, 10)
+
+
+def test_dropout_only_where_asked_and_off_in_eval():
+    standard = SmallCNN(3, 10, widths=(4, 6, 8), hidden=12, pooled_size=4, dropout=0.5)
+    assert [m.p for m in standard.modules() if isinstance(m, nn.Dropout)] == [0.5]
+    assert [m.p for m in _authors().modules() if isinstance(m, nn.Dropout)] == [0.0]
+    x = torch.randn(4, 3, 16, 16)
+    standard.eval()
+    torch.testing.assert_close(standard(x), standard(x))
+    standard.train()
+    assert not torch.allclose(standard(x), standard(x))
+
+
+@pytest.mark.parametrize("mode", ["repropagate", "state"])
+@pytest.mark.parametrize("adapter", ["sigmoid_gate", "concat_relu"])
+@pytest.mark.parametrize("learn_alpha", [False, True])
+def test_authors_backbone_runs_every_option(mode, adapter, learn_alpha):
+    model = _authors(mode=mode, adapter=adapter, learn_alpha=learn_alpha, steps=2)
+    logits = model(torch.randn(2, 3, 16, 16))
+    assert len(logits) == 3 and all(y.shape == (2, 7) for y in logits)
+    step_loss(logits, torch.tensor([0, 1])).backward()
+    used = {"3"} if mode == "state" else {"0", "1", "2", "3"}
+    for key in model.adapters:
+        grads = [p.grad for p in model.adapters[key].parameters()]
+        assert all((g is not None) == (key in used) for g in grads), (key, mode)
+    if learn_alpha:
+        assert model.alpha_parameter.grad is not None and model.alpha_parameter.grad.abs() > 0
+
+
+def test_initial_pass_of_the_authors_cbl_is_their_standard_cnn():
+    torch.manual_seed(3)
+    standard = SmallCNN(3, 7, widths=(4, 6, 8), hidden=12, pooled_size=4, dropout=0.5)
+    torch.manual_seed(3)
+    cbl = _authors()
+    for name, value in standard.state_dict().items():
+        torch.testing.assert_close(cbl.state_dict()[name], value)
+    standard.eval(), cbl.eval()
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(cbl(x)[0], standard(x))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_concat_relu_state_mode_is_the_authors_refinement(alpha):
+    """Every stored state refined by alpha h + (1 - alpha) ReLU(W [h, c] + b), only the last FC recomputed, the
+    context a linear map of the logits (no tanh)."""
+    model = _authors(alpha=alpha, steps=3).eval()
+    assert not any(isinstance(m, nn.Tanh) for m in model.context.modules())
+    x = torch.randn(2, 3, 16, 16)
+    logits, refined = model(x, return_states=True)
+    with torch.no_grad():
+        states, h = [], x
+        for block in model.blocks:
+            h = block(h)
+            states.append(h)
+        for t in range(3):
+            z = model.context[0](logits[t])
+            states = [_concat_relu(s, z, model.adapters[str(i)].linear, alpha) for i, s in enumerate(states)]
+            torch.testing.assert_close(logits[t + 1], model.head(states[3]))
+    for got, want in zip(refined, states):
+        torch.testing.assert_close(got, want)
+
+
+def test_concat_relu_adapter_on_maps_and_vectors():
+    z = torch.randn(2, 5)
+    on_map = ConcatReluAdapter(6, 5, vector=False)
+    assert on_map.linear.weight.shape == (6, 7)  # C + 1: the mean of z is one extra channel
+    h = torch.randn(2, 6, 3, 4)
+    torch.testing.assert_close(on_map(h, z), _concat_relu(h, z, on_map.linear, 0.0))
+    on_vector = ConcatReluAdapter(6, 5, vector=True)
+    assert on_vector.linear.weight.shape == (6, 11)  # C + context_dim
+    v = torch.randn(2, 6)
+    torch.testing.assert_close(on_vector(v, z), _concat_relu(v, z, on_vector.linear, 0.0))
+
+
+def test_learned_alpha_stays_in_range_and_can_come_back():
+    model = _authors(mode="repropagate", steps=1).eval()
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    fixed = _authors(mode="repropagate", steps=1, learn_alpha=False).eval()
+    fixed.load_state_dict({k: v for k, v in model.state_dict().items() if k != "alpha_parameter"})
+    with torch.no_grad():
+        model.alpha_parameter.fill_(-0.4)
+    assert model.alpha == 0.0
+    # Beyond the bound the forward uses alpha = 0 exactly, and the parameter still gets a gradient.
+    for got, want in zip(model(x), fixed(x)):
+        torch.testing.assert_close(got, want)
+    step_loss(model(x), y).backward()
+    assert model.alpha_parameter.grad is not None and model.alpha_parameter.grad != 0
+    with torch.no_grad():
+        model.alpha_parameter.fill_(1.7)
+    assert model.alpha == 1.0
+    logits = model(x)
+    torch.testing.assert_close(logits[1], logits[0])  # alpha 1: the refinement keeps h
+
+
+def test_learned_alpha_with_the_sigmoid_gate_equals_the_fixed_blend():
+    torch.manual_seed(2)
+    learned = _cbl(alpha=0.3, learn_alpha=True).eval()
+    fixed = _cbl(alpha=0.3).eval()
+    fixed.load_state_dict({k: v for k, v in learned.state_dict().items() if k != "alpha_parameter"})
+    x = torch.randn(2, 3, 16, 16)
+    for got, want in zip(learned(x), fixed(x)):
+        torch.testing.assert_close(got, want)
+    assert isinstance(learned.alpha_parameter, nn.Parameter) and learned.alpha == pytest.approx(0.3)
+    learned.alpha = 0.6
+    assert float(learned.alpha_parameter.detach()) == pytest.approx(0.6)
+
+
+def test_state_dict_round_trip_and_eval_are_deterministic():
+    model = _authors()
+    x = torch.randn(2, 3, 16, 16)
+    step_loss(model(x), torch.tensor([0, 1])).backward()
+    with torch.no_grad():
+        model.alpha_parameter.fill_(0.25)
+    state = model.state_dict()
+    assert "alpha_parameter" in state and "context.0.weight" in state and "adapters.3.linear.weight" in state
+    loaded = _authors()
+    loaded.load_state_dict(state)
+    assert loaded.alpha == pytest.approx(0.25)
+    model.eval(), loaded.eval()
+    for got, want in zip(loaded(x), model(x)):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match="alpha_parameter"):
+        _authors(learn_alpha=False).load_state_dict(state)
+
+
+def test_new_options_are_validated_with_clear_errors():
+    with pytest.raises(ValueError, match=r"context_map must be one of \('linear_tanh', 'linear'\), got 'relu'"):
+        _cbl(context_map="relu")
+    with pytest.raises(ValueError, match=r"adapter must be one of \('sigmoid_gate', 'concat_relu'\), got 'film'"):
+        _cbl(adapter="film")
+    with pytest.raises(TypeError, match="learn_alpha must be a bool, got int 1"):
+        _cbl(learn_alpha=1)
+    with pytest.raises(ValueError, match=r"backbone must be one of \('paper', 'authors'\), got 'resnet'"):
+        CBLCNN(3, 7, backbone="resnet")
+    with pytest.raises(ValueError, match="widths must be 3 positive channel counts.*got \\(4, 6, 8, 8\\)"):
+        CBLCNN(3, 7, backbone="authors", widths=(4, 6, 8, 8))
+    with pytest.raises(ValueError, match="pooled_size is an option of the authors' backbone"):
+        CBLCNN(3, 7, pooled_size=4)
+    with pytest.raises(ValueError, match="pooled_size must be >= 1, got 0"):
+        SmallCNN(3, 7, pooled_size=0)
+    with pytest.raises(ValueError, match=r"dropout must be a float in \[0, 1\), got 1.0"):
+        StandardCNN(3, 7, dropout=1.0)
+    with pytest.raises(ValueError, match=r"vector_blocks must be indices in 0..1, got \(2,\)"):
+        ContextualLoops([nn.Identity(), nn.Identity()], nn.Identity(), [3, 3], 3, vector_blocks=[2])
+    with pytest.raises(TypeError, match="context_dim must be an int >= 1"):
+        _cbl(context_dim=2.5)
+    # A concat_relu adapter told the wrong kind of state says which block and what it expected.
+    blocks = [nn.Sequential(nn.Conv1d(2, 4, 1), nn.AdaptiveAvgPool1d(1), nn.Flatten())]
+    model = ContextualLoops(blocks, nn.Linear(4, 3), [4], 3, adapter="concat_relu")
+    with pytest.raises(ValueError, match=r"blocks\[0\] must return a feature map \[B, C, \*S\] for its concat_relu"):
+        model(torch.randn(2, 2, 5))
+
+
 # ---------------------------------------------------------------- python/cbl.py end to end
 
 
@@ -273,8 +470,8 @@ def test_quick_preset_end_to_end_and_resume(tmp_path, capsys):
     out = str(tmp_path / "run")
     result = experiment.main(["--preset", "quick", "--epochs", "1", "--out", out, *TINY])
     files = set(os.listdir(out))
-    assert {"results.json", "curves.json", "curves.png", "results.md", "config.json", "checkpoints"} <= files
-    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+    assert {"results.json", "curves.json", "curves.png", "accuracy.png", "results.md", "config.json", "checkpoints"} <= files
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000 and os.path.getsize(os.path.join(out, "accuracy.png")) > 1000
     with open(os.path.join(out, "results.json")) as file:
         saved = json.load(file)
     assert saved["config"]["dataset"] == "synthetic" and saved["config"]["lr"] == 2e-3
@@ -286,6 +483,8 @@ def test_quick_preset_end_to_end_and_resume(tmp_path, capsys):
         accs = [r["test"]["accuracy"] for r in saved["runs"] if r["model"] == name]
         assert saved["summary"][name]["mean"] == pytest.approx(sum(accs) / 2)
     assert saved["ttest"]["n"] == 2 and saved["ttest"]["seeds"] == [0, 1]
+    assert saved["config"]["variant"] == "paper" and saved["config"]["step_weights"] == [1.0, 1.0, 1.0]
+    assert len(saved["summary"]["cbl"]["ci95"]) == 2 and len(saved["ttest"]["ci95"]) == 2
     with open(os.path.join(out, "curves.json")) as file:
         curve_data = json.load(file)
     assert set(curve_data) == {"standard", "cbl"} and len(curve_data["cbl"]["1"]["val_accuracy"]) == 1
@@ -301,6 +500,63 @@ def test_quick_preset_end_to_end_and_resume(tmp_path, capsys):
         experiment.main(["--preset", "quick", "--epochs", "2", "--out", out, *TINY, "--lr", "0.1"])
 
 
+@pytest.mark.experiments
+def test_authors_variant_end_to_end(tmp_path):
+    experiment = _experiment()
+    out = str(tmp_path / "authors")
+    tiny = ["--train-size", "64", "--val-size", "32", "--test-size", "32", "--image-size", "8", "--widths", "4,4,6",
+            "--hidden", "8", "--pooled-size", "2", "--context-dim", "4", "--batch-size", "16", "--runs", "2",
+            "--no-progress", "--epochs", "1"]
+    result = experiment.main(["--preset", "quick", "--variant", "authors", "--out", out, *tiny])
+    with open(os.path.join(out, "config.json")) as file:
+        config = json.load(file)
+    assert (config["backbone"], config["adapter"], config["context_map"], config["mode"], config["steps"]) == (
+        "authors", "concat_relu", "linear", "state", 4)
+    assert config["learn_alpha"] and config["step_weights"] == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert config["lr_halve_every"] == 0 and config["standard_dropout"] == 0.5
+    cbl_runs = [r for r in result["runs"] if r["model"] == "cbl"]
+    assert all(0.0 <= r["alpha"] <= 1.0 and r["alpha"] == min(max(r["alpha_parameter"], 0.0), 1.0) for r in cbl_runs)
+    assert {"accuracy_pass0", "accuracy_pass4"} <= set(cbl_runs[0]["test"])
+    assert os.path.getsize(os.path.join(out, "accuracy.png")) > 1000
+    with open(os.path.join(out, "results.md")) as file:
+        report = file.read()
+    assert "95% CI" in report and "Learned alpha" in report and "CBL-CNN - StandardCNN (paired)" in report
+
+
+def test_variants_set_their_bundle_and_explicit_flags_win():
+    experiment = _experiment()
+    paper = experiment.parse_args([])
+    assert (paper.variant, paper.backbone, paper.adapter, paper.context_map, paper.mode, paper.steps) == (
+        "paper", "paper", "sigmoid_gate", "linear_tanh", "repropagate", 2)
+    assert (paper.learn_alpha, paper.alpha, paper.standard_dropout, paper.runs) == (False, 0.0, 0.0, 5)
+    assert paper.step_weights == [1.0, 1.0, 1.0] and paper.lr_halve_every == 3 and paper.widths == (16, 32, 32, 64)
+    authors = experiment.parse_args(["--variant", "authors"])
+    assert (authors.backbone, authors.adapter, authors.context_map, authors.mode, authors.steps) == (
+        "authors", "concat_relu", "linear", "state", 4)
+    assert authors.learn_alpha and authors.step_weights == [0.0] * 4 + [1.0] and authors.lr_halve_every == 0
+    assert authors.widths == (16, 32, 64) and authors.standard_dropout == 0.5
+    mixed = experiment.parse_args(["--variant", "authors", "--mode", "repropagate", "--steps", "2", "--no-learn-alpha",
+                                   "--loss-steps", "all", "--adapter", "sigmoid_gate", "--lr-halve-every", "3"])
+    assert (mixed.mode, mixed.steps, mixed.learn_alpha, mixed.step_weights, mixed.adapter, mixed.lr_halve_every) == (
+        "repropagate", 2, False, [1.0, 1.0, 1.0], "sigmoid_gate", 3)
+    for bad in (["--variant", "authors", "--widths", "4,4,4,4"], ["--widths", "4,4,4"], ["--alpha", "1.5"],
+                ["--steps", "2", "--step-weights", "1,1"], ["--standard-dropout", "1"], ["--variant", "both"]):
+        with pytest.raises(SystemExit):
+            experiment.parse_args(bad)
+
+
+def test_set_fields_like_their_flags():
+    experiment = _experiment()
+    args = experiment.parse_args(["--set", "variant=authors", "--set", "epochs=1", "--set", "widths=8,8,8",
+                                  "--set", "learn_alpha=false", "--set", "loss-steps=all"])
+    assert (args.backbone, args.epochs, args.widths, args.learn_alpha, args.step_weights) == (
+        "authors", 1, (8, 8, 8), False, [1.0] * 5)
+    for bad in (["--set", "nonsense=1"], ["--set", "epochs=abc"], ["--set", "mode=loop"], ["--set", "epochs"],
+                ["--set", "learn_alpha=maybe"]):
+        with pytest.raises(SystemExit):
+            experiment.parse_args(bad)
+
+
 def test_summary_uses_the_paired_t_test():
     from scipy.stats import ttest_rel
 
@@ -313,6 +569,11 @@ def test_summary_uses_the_paired_t_test():
     assert ttest["statistic"] == pytest.approx(expected.statistic) and ttest["pvalue"] == pytest.approx(expected.pvalue)
     assert summary["cbl"]["mean"] == pytest.approx(0.74) and summary["standard"]["std"] == pytest.approx(0.0152752523)
     assert ttest["mean_difference"] == pytest.approx(0.0366666667)
+    from fbkernels import metrics
+
+    assert summary["cbl"]["ci95"] == pytest.approx(metrics.mean_ci95(cbl)["ci95"])
+    assert ttest["ci95"] == pytest.approx(metrics.paired_difference(cbl, standard)["ci95"])
+    assert ttest["differences"] == pytest.approx([0.04, 0.01, 0.06])
 
 
 def test_cifar10_experiment_on_written_batches(tmp_path):
@@ -344,7 +605,7 @@ def test_full_quick_preset_runs(tmp_path):
     assert completed.returncode == 0, completed.stderr
     with open(tmp_path / "results.json") as file:
         saved = json.load(file)
-    assert len(saved["runs"]) == 6 and saved["summary"]["standard"]["mean"] > 0.5
+    assert len(saved["runs"]) == 2 * 5 and saved["summary"]["standard"]["mean"] > 0.5
 
 
 # ---------------------------------------------------------------- normalisation statistics per pass
@@ -450,7 +711,13 @@ def test_input_block_and_head_errors_name_what_broke():
 
 def test_unused_parameter_names_match_the_gradients():
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
-    for kwargs in (dict(), dict(mode="state"), dict(steps=0), dict(mode="state", gated_blocks=[0, 1])):
+    options = [dict(), dict(mode="state"), dict(steps=0), dict(mode="state", gated_blocks=[0, 1]),
+               dict(learn_alpha=True), dict(learn_alpha=True, steps=0), dict(learn_alpha=True, mode="state", gated_blocks=[1]),
+               dict(adapter="concat_relu", context_map="linear"), dict(adapter="concat_relu", mode="state", learn_alpha=True),
+               dict(AUTHORS_SMALL, adapter="concat_relu", mode="state", learn_alpha=True),
+               dict(AUTHORS_SMALL, adapter="concat_relu", mode="state", learn_alpha=True, gated_blocks=[0, 2]),
+               dict(AUTHORS_SMALL, mode="repropagate", learn_alpha=True)]
+    for kwargs in options:
         model = _cbl(**kwargs)
         step_loss(model(x), y).backward()
         without_grad = sorted(name for name, p in model.named_parameters() if p.grad is None)
@@ -460,10 +727,10 @@ def test_unused_parameter_names_match_the_gradients():
 # ---------------------------------------------------------------- mixed precision
 
 
-@pytest.mark.parametrize("mode", ["repropagate", "state"])
+@pytest.mark.parametrize("mode", ["repropagate", "state", "authors"])
 def test_bfloat16_autocast_runs_and_stays_close_to_float32(mode):
     torch.manual_seed(0)
-    model = _cbl(mode=mode).eval()
+    model = (_authors(alpha=0.2) if mode == "authors" else _cbl(mode=mode)).eval()
     x = torch.randn(4, 3, 16, 16)
     reference = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
