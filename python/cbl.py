@@ -479,14 +479,15 @@ def _pyplot():
     return plt
 
 
-def _limits(ax, values, pad_fraction=0.15):
-    """y limits holding every value (points and interval ends) with a margin, so no error bar leaves the axes."""
-    values = [v for v in values if isinstance(v, float) and math.isfinite(v)]
+def _limits(ax, values, pad_fraction=0.15, legend_room=0.0):
+    """y limits holding every value (points and interval ends) with a margin, so no error bar leaves the axes;
+    ``legend_room`` (a fraction of the data's range) is added on top, so a legend there covers no point."""
+    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not values:
         return
     low, high = min(values), max(values)
-    pad = max(high - low, 0.5) * pad_fraction
-    ax.set_ylim(low - pad, high + pad)
+    span = max(high - low, 0.5)
+    ax.set_ylim(low - span * pad_fraction, high + span * (pad_fraction + legend_room))
 
 
 def plot_curves(curve_data, path, title):
@@ -552,9 +553,9 @@ def plot_accuracy(summary, ttest, runs, path, title):
     left.set_xlim(-0.5, 1.7)
     left.set_ylabel("test accuracy (%)")
     left.set_title("Test accuracy of every run", fontsize=10)
-    _limits(left, values)
+    _limits(left, values, legend_room=0.5)
     left.grid(axis="y", alpha=0.3)
-    left.legend(fontsize=8, loc="best")
+    left.legend(fontsize=8, loc="upper center", ncol=2)
 
     differences = [100 * d for d in ttest["differences"]]
     right.axhline(0.0, color="0.3", linewidth=1, linestyle="--", label="no difference")
@@ -579,9 +580,9 @@ def plot_accuracy(summary, ttest, runs, path, title):
                      [f"seed {s}" for s in ttest["seeds"]] + ["mean"], rotation=45, ha="right", fontsize=8)
     right.set_xlim(-0.7, position + 0.7)
     right.set_ylabel("difference in test accuracy (points)")
-    _limits(right, values)
+    _limits(right, values, legend_room=0.7)
     right.grid(axis="y", alpha=0.3)
-    right.legend(fontsize=8, loc="best")
+    right.legend(fontsize=7, loc="upper left")
     fig.suptitle("Test accuracy, StandardCNN vs CBL-CNN\n" + title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
