@@ -458,3 +458,145 @@ def test_decay_matrices_equal_the_per_step_decay():
     assert batched.shape == (4, 6, 6)
     for t in range(4):
         torch.testing.assert_close(batched[t], decay(t), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the authors' variants as options
+
+
+def _record_network(model):
+    """Hook the loop's network: lists of its inputs [x, v(t-1)] and outputs f(t), one per step."""
+    seen_inputs, outputs = [], []
+
+    def record(module, args, out):  # returns None: the output is left as it is
+        seen_inputs.append(args[0])
+        outputs.append(out)
+
+    model.network.register_forward_hook(record)
+    return seen_inputs, outputs
+
+
+def test_fractional_update_factors_against_a_hand_computation():
+    from fbkernels.models.feedback import fractional_update_factors
+
+    # c(t) = (1 - (t-1)/T)**0.5 / Gamma(1.5), Gamma(1.5) = sqrt(pi)/2 = 0.886226925..., T = 3.
+    assert fractional_update_factors(3) == pytest.approx([1.128379167, 0.921317732, 0.651470015], rel=1e-8)
+    assert fractional_update_factors(1) == pytest.approx([1.128379167])
+    # The schedule is stretched to each call's T: at T = 10 the fourth step gets sqrt(0.7) / Gamma(1.5).
+    assert fractional_update_factors(10)[3] == pytest.approx(0.836660027 / 0.886226925)
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_fractional_factor_scales_each_update(decay):
+    """h(t) = h(t-1) + c(t) M(t-1) f(t) with the call's T in c; the decay and the feedback are unchanged."""
+    from fbkernels.models.feedback import fractional_update_factors
+
+    torch.manual_seed(2)
+    model = tiny(update_factor="fractional", decay=decay).double()
+    seen_inputs, outputs = _record_network(model)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    for steps in (3, 5):
+        seen_inputs.clear(), outputs.clear()
+        logits, states = model(x, steps=steps, return_states=True)
+        factors = fractional_update_factors(steps)
+        previous = torch.zeros_like(states[0])
+        for t, (h, f) in enumerate(zip(states, outputs), start=1):
+            m = model.decay(t - 1) if decay else torch.eye(6, dtype=torch.float64)
+            torch.testing.assert_close(h, previous + factors[t - 1] * torch.einsum("ij,bjhw->bihw", m, f))
+            if t > 1:
+                torch.testing.assert_close(seen_inputs[t - 1][:, 3:], torch.softmax(previous[:, 4:], dim=1))
+            previous = h
+    # Against the default model with the same weights: the first update differs by exactly c(1).
+    plain = tiny(decay=decay).double()
+    plain.load_state_dict(model.state_dict())
+    _, plain_states = plain(x, steps=3, return_states=True)
+    _, states = model(x, steps=3, return_states=True)
+    torch.testing.assert_close(states[0], fractional_update_factors(3)[0] * plain_states[0])
+    assert not torch.allclose(states[1], plain_states[1])
+
+
+def test_authors_normalization_normalises_the_output_and_the_feedback():
+    """f = LN_HW(ReLU(BN(UNet(...)))) and v(t) = softmax(LN_HW(h(t)[:, l:])), v(0) = 1/k, computed by hand."""
+    torch.manual_seed(4)
+    model = tiny(normalization="bn-relu-ln").double()
+    assert isinstance(model.network[0], UNet) and model.normalization == "bn-relu-ln"
+    unet_outputs = []
+    model.network[0].register_forward_hook(lambda module, args, out: unet_outputs.append(out))
+    seen_inputs, outputs = _record_network(model)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    _, states = model(x, steps=3, return_states=True)
+
+    def layer_norm_hw(z):  # per (sample, channel) over the 8x8 positions, biased variance, eps 1e-5
+        mean = z.mean(dim=(2, 3), keepdim=True)
+        var = ((z - mean) ** 2).mean(dim=(2, 3), keepdim=True)
+        return (z - mean) / torch.sqrt(var + 1e-5)
+
+    for u, f in zip(unet_outputs, outputs):
+        mean = u.mean(dim=(0, 2, 3), keepdim=True)  # BatchNorm in training mode: the batch's statistics
+        var = ((u - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        torch.testing.assert_close(f, layer_norm_hw(torch.relu((u - mean) / torch.sqrt(var + 1e-5))))
+    torch.testing.assert_close(seen_inputs[0][:, 3:], torch.full((2, 2, 8, 8), 0.5, dtype=torch.float64))
+    for t in (1, 2):
+        torch.testing.assert_close(seen_inputs[t][:, 3:], torch.softmax(layer_norm_hw(states[t - 1][:, 4:]), dim=1))
+    # Every update is M(t-1) f with f normalised: unit variance per channel and image over (H, W).
+    torch.testing.assert_close(outputs[0].var(dim=(2, 3), unbiased=False), torch.ones(2, 6, dtype=torch.float64),
+                               atol=1e-3, rtol=0)
+    # Without softmax the feedback is the normalised state itself, and v(0) = LN(0) = 0.
+    no_softmax = tiny(normalization="bn-relu-ln", softmax=False).double()
+    seen_inputs, _ = _record_network(no_softmax)
+    _, states = no_softmax(x, steps=2, return_states=True)
+    assert not seen_inputs[0][:, 3:].any()
+    torch.testing.assert_close(seen_inputs[1][:, 3:], layer_norm_hw(states[0][:, 4:]))
+
+
+def test_independent_decay_init_and_tau():
+    import math
+
+    torch.manual_seed(0)
+    decay = DecayMatrix(6, tau=0.2, init="independent")
+    bound = math.sqrt(6.0 / (6 + 6))  # Xavier uniform's bound for a 6x6 matrix
+    assert decay.basis.abs().max() <= bound and decay.basis_inv.abs().max() <= bound
+    assert not torch.allclose(decay.basis_inv, decay.basis.t())
+    assert not torch.allclose(decay(0), torch.eye(6), atol=0.1)  # M(0) = P P_inv is not the identity
+    torch.testing.assert_close(decay(1), math.exp(-5.0) * decay.basis @ decay.basis_inv)  # tau = 0.2: e^{-t/0.2}
+    orthogonal = DecayMatrix(6, tau=0.2)
+    torch.testing.assert_close(orthogonal(1), math.exp(-5.0) * torch.eye(6), atol=1e-6, rtol=0)
+    assert tiny(decay_init="independent").decay.init == "independent"
+
+
+@pytest.mark.parametrize("options", [
+    dict(normalization="bn-relu-ln"),
+    dict(update_factor="fractional"),
+    dict(decay_init="independent", tau=0.2),
+    dict(normalization="bn-relu-ln", update_factor="fractional", decay_init="independent", tau=0.2),
+    dict(normalization="bn-relu-ln", bptt="checkpoint"),
+])
+def test_authors_options_keep_shapes_gradients_and_early_exit(options):
+    torch.manual_seed(0)
+    model = tiny(**options)
+    x, y = torch.rand(2, 3, 12, 12), torch.randint(0, 2, (2, 12, 12))
+    logits, states = model(x, steps=3, return_states=True)
+    assert [z.shape for z in logits] == [(2, 2, 12, 12)] * 3 and [h.shape for h in states] == [(2, 6, 12, 12)] * 3
+    step_loss(logits, y).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    model.eval()
+    with torch.no_grad():
+        assert len(model(x, steps=6, tol=1e30)) == 2
+        assert len(model(x, steps=10)) == 10 and all(torch.isfinite(z).all() for z in model(x, steps=10))
+
+
+def test_authors_options_are_validated():
+    with pytest.raises(ValueError, match=r"normalization must be one of \['none', 'bn-relu-ln'\], got 'batchnorm'"):
+        tiny(normalization="batchnorm")
+    with pytest.raises(ValueError, match=r"update_factor must be one of \['none', 'fractional'\], got 'gamma'"):
+        tiny(update_factor="gamma")
+    with pytest.raises(ValueError, match=r"decay_init must be one of \['orthogonal', 'independent'\], got 'xavier'"):
+        tiny(decay_init="xavier")
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="tau must be a positive finite number"):
+            tiny(tau=bad)
+    with pytest.raises(TypeError, match="tau must be a positive finite number, got str"):
+        tiny(tau="0.2")
+    with pytest.raises(TypeError, match="feedback_layernorm must be a bool"):
+        FeedbackLoop(torch.nn.Conv2d(4, 5, 1), torch.nn.Conv2d(3, 2, 1), num_classes=2, seg_channels=3,
+                     feedback_layernorm=1)
