@@ -600,3 +600,110 @@ def test_authors_options_are_validated():
     with pytest.raises(TypeError, match="feedback_layernorm must be a bool"):
         FeedbackLoop(torch.nn.Conv2d(4, 5, 1), torch.nn.Conv2d(3, 2, 1), num_classes=2, seg_channels=3,
                      feedback_layernorm=1)
+
+
+# ---------------------------------------------------------------- experiment script smoke runs (marker: experiments)
+
+
+def _experiment_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "python" / "feedback_unet.py"
+    spec = importlib.util.spec_from_file_location("_experiment_feedback_unet", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--set", "image_size=16", "--set", "width=2", "--set", "depth=1", "--set", "seg_channels=2",
+        "--set", "epochs=1", "--set", "train_size=2", "--set", "test_size=3", "--set", "steps=2",
+        "--set", "sigmas=0,4", "--set", "example_sigmas=0,4", "--set", "train_sizes=1,2", "--set", "ablation_sigmas=0",
+        "--set", "stability_sigma=4", "--set", "stability_steps=3", "--set", "earlyexit_tols=0.01,1e9",
+        "--seeds", "2", "--no-progress", "--threads", "1"]
+
+
+@pytest.mark.experiments
+def test_feedback_unet_experiments_end_to_end_with_tiny_overrides(tmp_path, capsys):
+    import json
+
+    script = _experiment_script()
+    out = tmp_path / "out"
+    for experiment in ("noise", "earlyexit", "trainsize", "ablation", "stability"):
+        script.main([experiment, *TINY, "--out", str(out)])
+        assert (out / f"{experiment}.png").stat().st_size > 0
+    assert (out / "noise_examples.png").exists()
+    noise = json.loads((out / "noise.json").read_text())
+    assert noise["config"]["t_test"] == 4 and noise["seeds"] == [0, 1]
+    for point in noise["points"]:
+        for measure in ("f1", "f1_image", "f1_test", "f1_image_test"):
+            stats = point[measure]
+            assert stats["n"] == 2 and len(stats["runs"]) == 2 and len(stats["ci95"]) == 2
+            assert all(0 <= v <= 1 for v in stats["runs"])
+        if point["model"] == "feedforward":
+            assert point["f1_test"]["runs"] == point["f1"]["runs"]  # one pass: T_test is T_train
+    run_files = sorted((out / "runs").glob("feedback-*.json"))
+    result = json.loads(run_files[0].read_text())
+    assert len(result["f1_per_step"]) == len(result["f1_image_per_step"]) == 4  # steps 1..T_test
+    assert result["f1"] == result["f1_per_step"][1] and result["f1_test"] == result["f1_per_step"][3]
+    difference = noise["differences"][0]["f1"]
+    fb = next(p for p in noise["points"] if p["model"] == "feedback" and p["sigma"] == 0)["f1"]["runs"]
+    ff = next(p for p in noise["points"] if p["model"] == "feedforward" and p["sigma"] == 0)["f1"]["runs"]
+    assert difference["mean"] == pytest.approx(sum(a - b for a, b in zip(fb, ff)) / 2)
+
+    early = json.loads((out / "earlyexit.json").read_text())
+    assert early["fixed_steps"] == 4 and early["tols"] == [0.01, 1e9]
+    for point in early["points"]:
+        unreachable_low, huge = point["tols"]
+        assert huge["passes_per_image"]["runs"] == [2.0, 2.0]  # tol 1e9 stops at the second step
+        assert huge["passes_saved_ratio"] == pytest.approx(2.0)
+        assert 2 <= unreachable_low["passes_per_image"]["mean"] <= 4
+        # Early exit at step 2 predicts what the fixed run predicted at step 2, on the same test images.
+    fixed_step2 = {}
+    for path in run_files:
+        r = json.loads(path.read_text())
+        fixed_step2[r["sigma"], r["seed"]] = r["f1_per_step"][1]
+    for point in early["points"]:
+        expected = [fixed_step2[point["sigma"], s] for s in early["seeds"]]
+        assert point["tols"][1]["f1"]["runs"] == pytest.approx(expected)
+
+    trainsize = json.loads((out / "trainsize.json").read_text())
+    assert trainsize["seeds"] == [0, 1]
+    smallest = trainsize["smallest_train_size_beating_random"]["feedback"]
+    assert set(smallest) >= {"per_seed", "mean", "min", "max", "smallest_ci_lower_above_random"}
+    ablation = json.loads((out / "ablation.json").read_text())
+    full = next(p for p in ablation["points"] if p["model"] == "feedback" and p["variant"] == "decay+softmax")
+    assert full["f1_minus_full_feedback"]["mean"] == 0.0
+    stability = json.loads((out / "stability.json").read_text())
+    assert {p["step"] for p in stability["points"]} == {1, 2, 3}
+    assert "f1_last_minus_f1_at_training_T" in stability["summary"]["decay+softmax"]
+    printed = capsys.readouterr().out
+    assert "| sigma | tol |" in printed and "target (mean)" in printed
+
+
+@pytest.mark.experiments
+def test_feedback_unet_authors_options_from_the_command_line(tmp_path):
+    import json
+
+    script = _experiment_script()
+    out = tmp_path / "authors"
+    script.main(["noise", *TINY, "--set", "sigmas=4", "--set", "example_sigmas=4", "--seeds", "1",
+                 "--set", "normalization=bn-relu-ln", "--set", "update_factor=fractional",
+                 "--set", "decay_init=independent", "--set", "tau=0.2", "--set", "test_steps=3", "--out", str(out)])
+    noise = json.loads((out / "noise.json").read_text())
+    assert noise["config"]["normalization"] == "bn-relu-ln" and noise["config"]["t_test"] == 3
+    weights = torch.load(next((out / "runs").glob("feedback-*.weights.pt")))
+    assert "network.1.running_mean" in weights  # the BatchNorm after the U-Net
+    for bad, message in (("normalization=layer", "normalization: expected one of"),
+                         ("update_factor=x", "update_factor: expected one of"),
+                         ("tau=0", "tau: expected a positive"), ("test_steps=0", "test_steps: expected an int >= 1")):
+        with pytest.raises(ValueError, match=message):
+            script.override(script.PRESETS["quick"], [bad])
+    assert script.override(script.PRESETS["quick"], ["test_steps=none"]).t_test == 10
+    assert script.override(script.PRESETS["quick"], ["earlyexit_tols=1e-3,0.5"]).earlyexit_tols == (0.001, 0.5)
+    # Fields that only choose runs leave the cache key alone; fields that make a run change it.
+    quick = script.PRESETS["quick"]
+    assert script.preset_hash(script.override(quick, ["sigmas=0", "seeds=3", "earlyexit_tols=0.1"])) == script.preset_hash(quick)
+    assert script.preset_hash(script.override(quick, ["tau=0.2"])) != script.preset_hash(quick)
