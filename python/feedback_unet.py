@@ -4,17 +4,35 @@
     python python/feedback_unet.py trainsize  --preset quick --out ...                    # A2: F1 vs D
     python python/feedback_unet.py ablation   --preset quick --out ...                    # A3: decay x softmax
     python python/feedback_unet.py stability  --preset quick --out ...                    # A4: settling
+    python python/feedback_unet.py earlyexit  --preset quick --out ...                    # tol against fixed T
 
-Each subcommand trains the models it needs (Adam, cross-entropy; the feedback model's loss summed over
-its T steps), evaluates the F1 of the polygon class on a fixed test set (the feedback model at its last
-training step), writes ``<experiment>.json`` with every figure and ``<experiment>.png`` into --out, and
-prints a markdown table. Every finished training run is cached under ``<out>/runs/`` (result JSON plus
-the first test image's per-step predictions) and an unfinished one resumes from its checkpoint there, so
-an interrupted experiment rerun with the same arguments loses nothing and experiments sharing runs
-(noise and ablation) reuse them. Presets: ``quick`` is sized for a shared 2-core CPU (well under 30
-minutes for ``noise``), ``paper`` is the published setting (512x512 images, D = 200, 10 epochs,
-batch 1, sigma 0..10) and is meant for a GPU. Under torchrun each training run uses
-DistributedDataParallel; rank 0 writes the files.
+Each subcommand trains the models it needs (Adam, cross-entropy; the feedback model's loss summed over its T
+training steps) and evaluates them on a fixed test set: the feedback model at every step up to T_test
+(``test_steps``, default 2 T, as the authors evaluate a T = 5 model at T = 10) and reported at T and at T_test,
+the feedforward model's one pass. Two F1s of the polygon class: pooled (all test pixels together) and per-image
+(the authors' averaging: each image's precision and recall, averaged over the images, and the F1 of those two
+means). Over the seeds every figure is given with its runs, mean, standard deviation and 95% t interval, and
+feedback minus feedforward as a paired difference with its interval (fbkernels.metrics). Each writes
+``<experiment>.json`` with every figure and ``<experiment>.png`` into --out and prints a markdown table.
+Every finished training run is cached under ``<out>/runs/`` (result JSON, weights, the first test image's
+per-step predictions), keyed by the preset fields that make a run (RUN_FIELDS), and an unfinished one resumes
+from its checkpoint there; experiments sharing runs (noise, ablation, earlyexit) reuse them. Presets: ``quick``
+for a shared 2-core CPU at 1 thread, ``cpu`` (about an hour on 2 cores, closer to the paper), ``paper`` (the
+published setting, for a GPU); their comments give the measured basis of their running times. Under torchrun
+each training run uses DistributedDataParallel; rank 0 writes the files.
+
+Differences from the authors' code (docs/experiments.md section A lists them with the reasons):
+
+- options that select the authors' form, defaults the paper's text: ``normalization=bn-relu-ln`` (BatchNorm
+  + ReLU and a layer norm over (H, W) on the U-Net's output, feedback softmax(LN(h)); our layer norm has no
+  per-pixel affine), ``tau=0.2``, ``decay_init=independent`` (Q and Q^-1 initialised independently),
+  ``update_factor=fractional`` (c(t) = (1 - (t-1)/T)^0.5 / Gamma(1.5) with T the steps of each call);
+- kept on purpose: the polygons' radius spread scales with the image (5 px at 512x512, so the paper preset
+  is the authors'); the test noise is fixed by the seed (they redraw it per access) so both models and every
+  evaluation see the same images; a smaller GroupNorm U-Net instead of their ResNet-34 U-Net; exact autograd
+  through the decay (their custom backward sums a Neumann series); every training step in training mode (their
+  loop runs the first T-1 steps of a training forward in eval mode); a 1x1 conv head (theirs 3x3); no stop on
+  the summed |h| change (their atol = 1e-5) unless earlyexit's tol is asked for.
 """
 from __future__ import annotations
 
@@ -81,17 +99,30 @@ RUN_FIELDS = ("image_size", "width", "depth", "seg_channels", "steps", "epochs",
 CHOICES = {"normalization": NORMALIZATIONS, "update_factor": UPDATE_FACTORS, "decay_init": DECAY_INITS}
 
 PRESETS = {
-    # Sized for a 2-core CPU shared with other jobs, 1 thread: 48x48 images, a narrow 2-level U-Net, 100
-    # training images for 6 epochs, 100 test images, every other noise level, 6 seeds. Measured basis: one run
-    # (training + evaluation of 100 test images at 10 steps) takes ~15 s (feedback ~22 s, feedforward ~8 s), so
-    # noise = 72 runs ~ 18 min, earlyexit on top of its runs ~ 4 min, trainsize (8 seeds x 6 sizes x 2 models
-    # of <= 10 images) ~ 2 min. The polygons are ~10x smaller than at 512x512, so a given sigma hides them more.
+    # Sized for a 2-core CPU at 1 thread: 48x48 images, a narrow 2-level U-Net, 100 training images for 6 epochs,
+    # 100 test images, every other noise level, 6 seeds (8 for trainsize). Basis: the earlier 2-seed noise run took
+    # 326 s of training for 24 runs on the idle machine (13.6 s per run); evaluating 100 test images at 10 steps
+    # adds ~3 s per pair of runs, so noise = 36 pairs ~ 18 min idle; under load from two other jobs one pair took
+    # 45 s (32 s feedback, 10 s feedforward, 3.3 s evaluation), i.e. ~27 min. earlyexit re-evaluates the 36
+    # feedback models image by image (~13 s each under load, ~8 min); trainsize ~ 4 min. The polygons are ~10x
+    # smaller than at 512x512, so a given sigma hides them more.
     "quick": Preset(
         image_size=48, width=8, depth=2, seg_channels=16, steps=5, epochs=6, batch_size=1, lr=0.01,
         train_size=100, test_size=100, seeds=6, sigmas=(0, 2, 4, 6, 8, 10), train_sizes=(1, 2, 4, 6, 8, 10),
         ablation_sigmas=(0, 4, 8), example_sigmas=(0, 4, 8), stability_sigma=6, stability_steps=15,
     ),
-    # CPU_PRESET_PLACEHOLDER
+    # About an hour of `noise` on this 2-core CPU, for users without a GPU, closer to the paper: 64x64 images, a
+    # 3-level U-Net, D = 200, 10 epochs, 100 test images; 4 noise levels x 3 seeds. Basis, a timed smoke run
+    # (1 epoch of 50 images at 64x64, 1 thread, the machine shared with other jobs at load ~2.5): 5 s feedback,
+    # 1 s feedforward (100 and 20 ms per image and epoch), 1.3 s to evaluate 20 test images at 10 steps. So one
+    # (feedback, feedforward) pair of runs ~ 2000 x 120 ms + 7 s ~ 250 s, noise = 12 pairs ~ 50 min (1 thread;
+    # two threads on the shared machine ran 10x slower, so --threads 2 only on an idle one); earlyexit ~ 5 min on
+    # top; trainsize (6 sizes <= 10 images x 3 seeds x 2 models) ~ 3 min.
+    "cpu": Preset(
+        image_size=64, width=8, depth=3, seg_channels=16, steps=5, epochs=10, batch_size=1, lr=0.01,
+        train_size=200, test_size=100, seeds=3, sigmas=(0, 3, 6, 9), train_sizes=(1, 2, 4, 6, 8, 10),
+        ablation_sigmas=(0, 6), example_sigmas=(0, 6, 9), stability_sigma=6, stability_steps=20, trainsize_seeds=3,
+    ),
     # The published setting (docs/experiments.md A): 512x512, D = 200, 10 epochs, batch 1, lr 0.01, evaluated
     # at T = 10 on 200 test images as in the authors' code.
     "paper": Preset(
@@ -312,8 +343,11 @@ def describe(args, preset, **data) -> str:
         f"; authors' options: normalization {preset.normalization}, update factor {preset.update_factor}, "
         f"decay init {preset.decay_init}")
     overrides = f" with {' '.join(args.set)}" if args.set else ""
-    return (f"preset {args.preset}{overrides}: {preset.image_size}x{preset.image_size} images, {settings}, "
+    text = (f"preset {args.preset}{overrides}: {preset.image_size}x{preset.image_size} images, {settings}, "
             f"T={preset.steps} training / {preset.t_test} test steps, tau {preset.tau:g}{variant}; {device_name(args.device)}")
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, 150))
 
 
 def pyplot():
@@ -404,11 +438,12 @@ def sweep_figure(args, preset, key, values, points, differences, random_f1, xlab
                                           " (mean per-image precision and recall)"))
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.36, 0.0), ncol=2, fontsize=8, frameon=False)
     ax = axes[2]
     for measure, suffix, color, marker, offset in (("f1", "", "tab:blue", "o", -0.1), ("f1_image", "", "tab:purple", "^", 0.1)):
         diffs = [d[measure + suffix] for d in differences]
-        ci_errorbar(ax, x + offset * spacing, diffs, clip=None, color=color, marker=marker, linestyle="none",
+        ci_errorbar(ax, x + offset * spacing, diffs, clip=(-1.0, 1.0), color=color, marker=marker, linestyle="none",
                     label=f"{MEASURES[measure]}: mean, 95% CI")
     ax.axhline(0, color="black", linewidth=0.8, label="no difference")
     ax.set(xlabel=xlabel, ylabel=f"feedback (T={preset.steps}) minus feedforward F1",
@@ -500,7 +535,7 @@ def example_grid(args, preset, seed):
                 ax.set_title(title, fontsize=8)
         axes[row, 0].set_ylabel(f"sigma = {sigma:g}", fontsize=8)
     fig.colorbar(gray, ax=axes[:, :2].ravel().tolist(), location="left", fraction=0.04, pad=0.08,
-                 label="input intensity (min-max normalised); label 0 / 1")
+                 label="input (min-max normalised), label")
     fig.colorbar(prob, ax=axes[:, 2:].ravel().tolist(), fraction=0.02, pad=0.02, label="p(polygon)")
     fig.suptitle(f"Predicted p(polygon) on the first test image of seed {seed}, models of experiment A1\n"
                  f"{describe(args, preset, D=preset.train_size)}", fontsize=8)
@@ -544,10 +579,9 @@ def experiment_trainsize(args, preset):
     fig = sweep_figure(args, preset, "train_size", sizes, points, differences, random_f1, "training-set size D",
                        f"A2: F1 against the number of training images, {len(seeds)} seeds",
                        {"sigma": 0, "test images": preset.test_size})
-    ax = fig.axes[0]
-    text = "\n".join(f"{m}: first beats random at D = {fmt_smallest(smallest[m])}" for m in MODELS)
-    ax.text(0.98, 0.03, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
-            bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
+    text = "\n".join(f"{m} U-Net first beats the random predictor (pooled F1) at D = {fmt_smallest(smallest[m])}"
+                     for m in MODELS)
+    fig.text(0.5, -0.1, text, ha="center", va="top", fontsize=8)
     payload = {**header(args, preset, "trainsize"), "seeds": seeds, "points": points, "differences": differences,
                "random_f1": float(np.mean(list(random_f1.values()))), "random_f1_per_seed": random_f1,
                "smallest_train_size_beating_random": smallest, "train_seconds_total": total_seconds}
@@ -561,8 +595,10 @@ def experiment_trainsize(args, preset):
 def fmt_smallest(s):
     per_seed = "never" if s["mean"] is None else f"{s['mean']:.1f} per seed (range {s['min']}-{s['max']}"
     if s["mean"] is not None:
-        per_seed += f", {s['seeds_never_beating']} seeds never)" if s["seeds_never_beating"] else ")"
-    return f"{per_seed}; CI lower bound above random from D = {s['smallest_ci_lower_above_random']}"
+        never = s["seeds_never_beating"]
+        per_seed += f", {never} seed{'s' if never > 1 else ''} never)" if never else ")"
+    ci = s["smallest_ci_lower_above_random"]
+    return f"{per_seed}; 95% CI lower bound above random from D = {'never' if ci is None else ci}"
 
 
 # ---------------------------------------------------------------- A3: ablation
@@ -662,7 +698,7 @@ def experiment_stability(args, preset):
         change = summary[variant]["final_state_change"]["mean"]
         ax.set(title=f"{variant}\nmean RMS state change at step {preset.stability_steps}: {change:.1e}",
                xlabel="step", ylabel="logits on their 1st principal component")
-        ax.legend(fontsize=7, loc="best", title="one line per test image, seed 1", title_fontsize=7)
+        ax.legend(fontsize=7, loc="best", title="one line per test image, first seed", title_fontsize=7)
         ax = axes[1, col]
         pts = [p for p in points if p["variant"] == variant]
         for measure, color, marker in (("f1", "tab:blue", "o"), ("f1_image", "tab:purple", "^")):
@@ -833,7 +869,7 @@ def earlyexit_figure(args, preset, points, tols, steps, seeds):
     for i, (tol, color) in enumerate(zip(tols, colors)):
         offset = (i - (len(tols) - 1) / 2) * 0.08 * spacing
         diffs = [next(t for t in p["tols"] if t["tol"] == tol)["f1_minus_fixed"] for p in points]
-        ci_errorbar(ax, sigmas + offset, diffs, clip=None, color=color, marker="o", markersize=4, linestyle="none",
+        ci_errorbar(ax, sigmas + offset, diffs, clip=(-1.0, 1.0), color=color, marker="o", markersize=4, linestyle="none",
                     label=f"tol {tol:g}")
     ax.axhspan(-0.01, 0.01, color="green", alpha=0.12, label="target: within 0.01")
     ax.axhline(0, color="black", linewidth=0.8)
@@ -910,7 +946,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Preset]:
                         help="fbkernels backend of the feedback step (None: fastest available)")
     parser.add_argument("--out", default=None, help="output directory (None: python/results/<preset>)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (None: 1 for the quick preset on CPU, where the small "
+                        help="torch CPU threads (None: 1 for the quick and cpu presets on CPU, where the small "
                              "convolutions gain nothing from more and a shared CPU makes extra threads spin; "
                              "else torch's default)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -928,7 +964,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Preset]:
 
 def main(argv=None):
     args, preset = parse_args(argv)
-    if args.threads is None and args.preset == "quick" and torch.device(args.device).type == "cpu":
+    if args.threads is None and args.preset in ("quick", "cpu") and torch.device(args.device).type == "cpu":
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
