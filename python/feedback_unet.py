@@ -538,7 +538,7 @@ def example_grid(args, preset, seed):
                  label="input (min-max normalised), label")
     fig.colorbar(prob, ax=axes[:, 2:].ravel().tolist(), fraction=0.02, pad=0.02, label="p(polygon)")
     fig.suptitle(f"Predicted p(polygon) on the first test image of seed {seed}, models of experiment A1\n"
-                 f"{describe(args, preset, D=preset.train_size)}", fontsize=8)
+                 f"{describe(args, preset, D=preset.train_size)}", fontsize=8, y=0.97, va="bottom")
     out = Path(args.out) / "noise_examples.png"
     fig.savefig(out, dpi=120, bbox_inches="tight")
     print(f"wrote {out}")
@@ -863,7 +863,7 @@ def earlyexit_figure(args, preset, points, tols, steps, seeds):
     ax.set(xlabel="noise sigma", ylabel="network passes per test image", ylim=(0, steps + 0.5),
            title="passes used: mean, 95% CI; dots = seeds")
     ax.set_xticks(sigmas)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.19), ncol=4, frameon=False)
     ax.grid(alpha=0.3)
     ax = axes[2]
     for i, (tol, color) in enumerate(zip(tols, colors)):
@@ -876,7 +876,7 @@ def earlyexit_figure(args, preset, points, tols, steps, seeds):
     ax.set(xlabel="noise sigma", ylabel=f"pooled F1 with tol minus F1 at T = {steps}",
            title="F1 change: mean, 95% CI paired over seeds")
     ax.set_xticks(sigmas)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.19), ncol=3, frameon=False)
     ax.grid(alpha=0.3)
     fig.suptitle(f"Early exit of the trained feedback U-Net (tol on the RMS state change) against a fixed T = {steps}, "
                  f"each test image alone\n{describe(args, preset, D=preset.train_size, seeds=len(seeds), **{'test images': preset.test_size})}",
