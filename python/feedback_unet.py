@@ -656,6 +656,9 @@ def experiment_ablation(args, preset):
 # ---------------------------------------------------------------- A4: stability
 
 def experiment_stability(args, preset):
+    if preset.stability_steps < preset.steps:
+        raise SystemExit(f"stability: stability_steps must be >= steps (the training T, {preset.steps}) to unroll past "
+                         f"it, got {preset.stability_steps}")
     seeds = seeds_of(args, preset)
     sigma = float(preset.stability_sigma)
     variants = {"decay+softmax": (True, True), "no decay": (False, True), "no decay, no softmax": (False, False)}
