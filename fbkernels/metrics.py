@@ -3,6 +3,9 @@
 Predictions and targets are integer class-index tensors of the same shape (any shape: [B] for
 classification, [B, H, W] for segmentation); counts are pooled over every element, so an F1 over a
 test set is the F1 of all its pixels together (micro average), not a mean of per-image F1s.
+``per_image_counts`` and ``image_averaged_f1`` give the other reading, the authors' evaluation of the Feedback
+U-Net (docs/experiments.md section A): precision and recall per image, averaged over the images, and the F1 of
+those two means.
 """
 from __future__ import annotations
 
@@ -25,9 +28,16 @@ class BinaryCounts:
 
     def f1(self, eps: float = 1e-8) -> float:
         """2 p r / (p + r + eps), with p = tp / (tp + fp) and r = tp / (tp + fn) (0 / 0 read as 0)."""
-        precision = self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
-        recall = self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+        precision, recall = self.precision(), self.recall()
         return 2.0 * precision * recall / (precision + recall + eps)
+
+    def precision(self) -> float:
+        """tp / (tp + fp), 0 when nothing is predicted positive."""
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+
+    def recall(self) -> float:
+        """tp / (tp + fn), 0 when nothing is positive."""
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
 
 
 def binary_counts(pred: Tensor, target: Tensor, positive: int = 1) -> BinaryCounts:
@@ -37,6 +47,28 @@ def binary_counts(pred: Tensor, target: Tensor, positive: int = 1) -> BinaryCoun
     is_pred, is_true = pred == positive, target == positive
     tp = int((is_pred & is_true).sum())
     return BinaryCounts(tp=tp, fp=int(is_pred.sum()) - tp, fn=int(is_true.sum()) - tp)
+
+
+def per_image_counts(pred: Tensor, target: Tensor, positive: int = 1) -> list[BinaryCounts]:
+    """Confusion counts of class ``positive`` for each image: pred, target [N, ...] -> N BinaryCounts."""
+    if pred.shape != target.shape or pred.dim() < 1:
+        raise ValueError(f"pred and target must have the same shape [N, ...], got {tuple(pred.shape)} and {tuple(target.shape)}")
+    is_pred, is_true = (pred == positive).flatten(1), (target == positive).flatten(1)
+    tp = (is_pred & is_true).sum(1).tolist()
+    predicted, actual = is_pred.sum(1).tolist(), is_true.sum(1).tolist()
+    return [BinaryCounts(tp=a, fp=p - a, fn=t - a) for a, p, t in zip(tp, predicted, actual)]
+
+
+def image_averaged_f1(counts, eps: float = 1e-8) -> dict:
+    """{"precision", "recall", "f1"}: the mean over images of the per-image precision and recall, and
+    2 P R / (P + R + eps) of those means (the authors' averaging; 0 / 0 read as 0 per image, where their code
+    adds 1e-3 to each denominator). NaNs for no images."""
+    counts = list(counts)
+    if not counts:
+        return {"precision": math.nan, "recall": math.nan, "f1": math.nan}
+    precision = sum(c.precision() for c in counts) / len(counts)
+    recall = sum(c.recall() for c in counts) / len(counts)
+    return {"precision": precision, "recall": recall, "f1": 2.0 * precision * recall / (precision + recall + eps)}
 
 
 def f1_score(pred: Tensor, target: Tensor, positive: int = 1, eps: float = 1e-8) -> float:

@@ -458,3 +458,252 @@ def test_decay_matrices_equal_the_per_step_decay():
     assert batched.shape == (4, 6, 6)
     for t in range(4):
         torch.testing.assert_close(batched[t], decay(t), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the authors' variants as options
+
+
+def _record_network(model):
+    """Hook the loop's network: lists of its inputs [x, v(t-1)] and outputs f(t), one per step."""
+    seen_inputs, outputs = [], []
+
+    def record(module, args, out):  # returns None: the output is left as it is
+        seen_inputs.append(args[0])
+        outputs.append(out)
+
+    model.network.register_forward_hook(record)
+    return seen_inputs, outputs
+
+
+def test_fractional_update_factors_against_a_hand_computation():
+    from fbkernels.models.feedback import fractional_update_factors
+
+    # c(t) = (1 - (t-1)/T)**0.5 / Gamma(1.5), Gamma(1.5) = sqrt(pi)/2 = 0.886226925..., T = 3.
+    assert fractional_update_factors(3) == pytest.approx([1.128379167, 0.921317732, 0.651470015], rel=1e-8)
+    assert fractional_update_factors(1) == pytest.approx([1.128379167])
+    # The schedule is stretched to each call's T: at T = 10 the fourth step gets sqrt(0.7) / Gamma(1.5).
+    assert fractional_update_factors(10)[3] == pytest.approx(0.836660027 / 0.886226925)
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_fractional_factor_scales_each_update(decay):
+    """h(t) = h(t-1) + c(t) M(t-1) f(t) with the call's T in c; the decay and the feedback are unchanged."""
+    from fbkernels.models.feedback import fractional_update_factors
+
+    torch.manual_seed(2)
+    model = tiny(update_factor="fractional", decay=decay).double()
+    seen_inputs, outputs = _record_network(model)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    for steps in (3, 5):
+        seen_inputs.clear(), outputs.clear()
+        logits, states = model(x, steps=steps, return_states=True)
+        factors = fractional_update_factors(steps)
+        previous = torch.zeros_like(states[0])
+        for t, (h, f) in enumerate(zip(states, outputs), start=1):
+            m = model.decay(t - 1) if decay else torch.eye(6, dtype=torch.float64)
+            torch.testing.assert_close(h, previous + factors[t - 1] * torch.einsum("ij,bjhw->bihw", m, f))
+            if t > 1:
+                torch.testing.assert_close(seen_inputs[t - 1][:, 3:], torch.softmax(previous[:, 4:], dim=1))
+            previous = h
+    # Against the default model with the same weights: the first update differs by exactly c(1).
+    plain = tiny(decay=decay).double()
+    plain.load_state_dict(model.state_dict())
+    _, plain_states = plain(x, steps=3, return_states=True)
+    _, states = model(x, steps=3, return_states=True)
+    torch.testing.assert_close(states[0], fractional_update_factors(3)[0] * plain_states[0])
+    assert not torch.allclose(states[1], plain_states[1])
+
+
+def test_authors_normalization_normalises_the_output_and_the_feedback():
+    """f = LN_HW(ReLU(BN(UNet(...)))) and v(t) = softmax(LN_HW(h(t)[:, l:])), v(0) = 1/k, computed by hand."""
+    torch.manual_seed(4)
+    model = tiny(normalization="bn-relu-ln").double()
+    assert isinstance(model.network[0], UNet) and model.normalization == "bn-relu-ln"
+    unet_outputs = []
+    model.network[0].register_forward_hook(lambda module, args, out: unet_outputs.append(out))
+    seen_inputs, outputs = _record_network(model)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    _, states = model(x, steps=3, return_states=True)
+
+    def layer_norm_hw(z):  # per (sample, channel) over the 8x8 positions, biased variance, eps 1e-5
+        mean = z.mean(dim=(2, 3), keepdim=True)
+        var = ((z - mean) ** 2).mean(dim=(2, 3), keepdim=True)
+        return (z - mean) / torch.sqrt(var + 1e-5)
+
+    for u, f in zip(unet_outputs, outputs):
+        mean = u.mean(dim=(0, 2, 3), keepdim=True)  # BatchNorm in training mode: the batch's statistics
+        var = ((u - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        torch.testing.assert_close(f, layer_norm_hw(torch.relu((u - mean) / torch.sqrt(var + 1e-5))))
+    torch.testing.assert_close(seen_inputs[0][:, 3:], torch.full((2, 2, 8, 8), 0.5, dtype=torch.float64))
+    for t in (1, 2):
+        torch.testing.assert_close(seen_inputs[t][:, 3:], torch.softmax(layer_norm_hw(states[t - 1][:, 4:]), dim=1))
+    # Every update is M(t-1) f with f normalised: unit variance per channel and image over (H, W).
+    torch.testing.assert_close(outputs[0].var(dim=(2, 3), unbiased=False), torch.ones(2, 6, dtype=torch.float64),
+                               atol=1e-3, rtol=0)
+    # Without softmax the feedback is the normalised state itself, and v(0) = LN(0) = 0.
+    no_softmax = tiny(normalization="bn-relu-ln", softmax=False).double()
+    seen_inputs, _ = _record_network(no_softmax)
+    _, states = no_softmax(x, steps=2, return_states=True)
+    assert not seen_inputs[0][:, 3:].any()
+    torch.testing.assert_close(seen_inputs[1][:, 3:], layer_norm_hw(states[0][:, 4:]))
+
+
+def test_independent_decay_init_and_tau():
+    import math
+
+    torch.manual_seed(0)
+    decay = DecayMatrix(6, tau=0.2, init="independent")
+    bound = math.sqrt(6.0 / (6 + 6))  # Xavier uniform's bound for a 6x6 matrix
+    assert decay.basis.abs().max() <= bound and decay.basis_inv.abs().max() <= bound
+    assert not torch.allclose(decay.basis_inv, decay.basis.t())
+    assert not torch.allclose(decay(0), torch.eye(6), atol=0.1)  # M(0) = P P_inv is not the identity
+    torch.testing.assert_close(decay(1), math.exp(-5.0) * decay.basis @ decay.basis_inv)  # tau = 0.2: e^{-t/0.2}
+    orthogonal = DecayMatrix(6, tau=0.2)
+    torch.testing.assert_close(orthogonal(1), math.exp(-5.0) * torch.eye(6), atol=1e-6, rtol=0)
+    assert tiny(decay_init="independent").decay.init == "independent"
+
+
+@pytest.mark.parametrize("options", [
+    dict(normalization="bn-relu-ln"),
+    dict(update_factor="fractional"),
+    dict(decay_init="independent", tau=0.2),
+    dict(normalization="bn-relu-ln", update_factor="fractional", decay_init="independent", tau=0.2),
+    dict(normalization="bn-relu-ln", bptt="checkpoint"),
+])
+def test_authors_options_keep_shapes_gradients_and_early_exit(options):
+    torch.manual_seed(0)
+    model = tiny(**options)
+    x, y = torch.rand(2, 3, 12, 12), torch.randint(0, 2, (2, 12, 12))
+    logits, states = model(x, steps=3, return_states=True)
+    assert [z.shape for z in logits] == [(2, 2, 12, 12)] * 3 and [h.shape for h in states] == [(2, 6, 12, 12)] * 3
+    step_loss(logits, y).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    model.eval()
+    with torch.no_grad():
+        assert len(model(x, steps=6, tol=1e30)) == 2
+        assert len(model(x, steps=10)) == 10 and all(torch.isfinite(z).all() for z in model(x, steps=10))
+
+
+def test_authors_options_are_validated():
+    with pytest.raises(ValueError, match=r"normalization must be one of \['none', 'bn-relu-ln'\], got 'batchnorm'"):
+        tiny(normalization="batchnorm")
+    with pytest.raises(ValueError, match=r"update_factor must be one of \['none', 'fractional'\], got 'gamma'"):
+        tiny(update_factor="gamma")
+    with pytest.raises(ValueError, match=r"decay_init must be one of \['orthogonal', 'independent'\], got 'xavier'"):
+        tiny(decay_init="xavier")
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="tau must be a positive finite number"):
+            tiny(tau=bad)
+    with pytest.raises(TypeError, match="tau must be a positive finite number, got str"):
+        tiny(tau="0.2")
+    with pytest.raises(TypeError, match="feedback_layernorm must be a bool"):
+        FeedbackLoop(torch.nn.Conv2d(4, 5, 1), torch.nn.Conv2d(3, 2, 1), num_classes=2, seg_channels=3,
+                     feedback_layernorm=1)
+
+
+# ---------------------------------------------------------------- experiment script smoke runs (marker: experiments)
+
+
+def _experiment_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "python" / "feedback_unet.py"
+    spec = importlib.util.spec_from_file_location("_experiment_feedback_unet", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--set", "image_size=16", "--set", "width=2", "--set", "depth=1", "--set", "seg_channels=2",
+        "--set", "epochs=1", "--set", "train_size=2", "--set", "test_size=3", "--set", "steps=2",
+        "--set", "sigmas=0,4", "--set", "example_sigmas=0,4", "--set", "train_sizes=1,2", "--set", "ablation_sigmas=0",
+        "--set", "stability_sigma=4", "--set", "stability_steps=3", "--set", "earlyexit_tols=0.01,1e9",
+        "--seeds", "2", "--no-progress", "--threads", "1"]
+
+
+@pytest.mark.experiments
+def test_feedback_unet_experiments_end_to_end_with_tiny_overrides(tmp_path, capsys):
+    import json
+
+    script = _experiment_script()
+    out = tmp_path / "out"
+    for experiment in ("noise", "earlyexit", "trainsize", "ablation", "stability"):
+        script.main([experiment, *TINY, "--out", str(out)])
+        assert (out / f"{experiment}.png").stat().st_size > 0
+    assert (out / "noise_examples.png").exists()
+    noise = json.loads((out / "noise.json").read_text())
+    assert noise["config"]["t_test"] == 4 and noise["seeds"] == [0, 1]
+    for point in noise["points"]:
+        for measure in ("f1", "f1_image", "f1_test", "f1_image_test"):
+            stats = point[measure]
+            assert stats["n"] == 2 and len(stats["runs"]) == 2 and len(stats["ci95"]) == 2
+            assert all(0 <= v <= 1 for v in stats["runs"])
+        if point["model"] == "feedforward":
+            assert point["f1_test"]["runs"] == point["f1"]["runs"]  # one pass: T_test is T_train
+    run_files = sorted((out / "runs").glob("feedback-*.json"))
+    result = json.loads(run_files[0].read_text())
+    assert len(result["f1_per_step"]) == len(result["f1_image_per_step"]) == 4  # steps 1..T_test
+    assert result["f1"] == result["f1_per_step"][1] and result["f1_test"] == result["f1_per_step"][3]
+    difference = noise["differences"][0]["f1"]
+    fb = next(p for p in noise["points"] if p["model"] == "feedback" and p["sigma"] == 0)["f1"]["runs"]
+    ff = next(p for p in noise["points"] if p["model"] == "feedforward" and p["sigma"] == 0)["f1"]["runs"]
+    assert difference["mean"] == pytest.approx(sum(a - b for a, b in zip(fb, ff)) / 2)
+
+    early = json.loads((out / "earlyexit.json").read_text())
+    assert early["fixed_steps"] == 4 and early["tols"] == [0.01, 1e9]
+    for point in early["points"]:
+        unreachable_low, huge = point["tols"]
+        assert huge["passes_per_image"]["runs"] == [2.0, 2.0]  # tol 1e9 stops at the second step
+        assert huge["passes_saved_ratio"] == pytest.approx(2.0)
+        assert 2 <= unreachable_low["passes_per_image"]["mean"] <= 4
+        # Early exit at step 2 predicts what the fixed run predicted at step 2, on the same test images.
+    fixed_step2 = {}
+    for path in run_files:
+        r = json.loads(path.read_text())
+        fixed_step2[r["sigma"], r["seed"]] = r["f1_per_step"][1]
+    for point in early["points"]:
+        expected = [fixed_step2[point["sigma"], s] for s in early["seeds"]]
+        assert point["tols"][1]["f1"]["runs"] == pytest.approx(expected)
+
+    trainsize = json.loads((out / "trainsize.json").read_text())
+    assert trainsize["seeds"] == [0, 1]
+    smallest = trainsize["smallest_train_size_beating_random"]["feedback"]
+    assert set(smallest) >= {"per_seed", "mean", "min", "max", "smallest_ci_lower_above_random"}
+    ablation = json.loads((out / "ablation.json").read_text())
+    full = next(p for p in ablation["points"] if p["model"] == "feedback" and p["variant"] == "decay+softmax")
+    assert full["f1_minus_full_feedback"]["mean"] == 0.0
+    stability = json.loads((out / "stability.json").read_text())
+    assert {p["step"] for p in stability["points"]} == {1, 2, 3}
+    assert "f1_last_minus_f1_at_training_T" in stability["summary"]["decay+softmax"]
+    printed = capsys.readouterr().out
+    assert "| sigma | tol |" in printed and "target (mean)" in printed
+
+
+@pytest.mark.experiments
+def test_feedback_unet_authors_options_from_the_command_line(tmp_path):
+    import json
+
+    script = _experiment_script()
+    out = tmp_path / "authors"
+    script.main(["noise", *TINY, "--set", "sigmas=4", "--set", "example_sigmas=4", "--seeds", "1",
+                 "--set", "normalization=bn-relu-ln", "--set", "update_factor=fractional",
+                 "--set", "decay_init=independent", "--set", "tau=0.2", "--set", "test_steps=3", "--out", str(out)])
+    noise = json.loads((out / "noise.json").read_text())
+    assert noise["config"]["normalization"] == "bn-relu-ln" and noise["config"]["t_test"] == 3
+    weights = torch.load(next((out / "runs").glob("feedback-*.weights.pt")))
+    assert "network.1.running_mean" in weights  # the BatchNorm after the U-Net
+    for bad, message in (("normalization=layer", "normalization: expected one of"),
+                         ("update_factor=x", "update_factor: expected one of"),
+                         ("tau=0", "tau: expected a positive"), ("test_steps=0", "test_steps: expected an int >= 1")):
+        with pytest.raises(ValueError, match=message):
+            script.override(script.PRESETS["quick"], [bad])
+    assert script.override(script.PRESETS["quick"], ["test_steps=none"]).t_test == 10
+    assert script.override(script.PRESETS["quick"], ["earlyexit_tols=1e-3,0.5"]).earlyexit_tols == (0.001, 0.5)
+    # Fields that only choose runs leave the cache key alone; fields that make a run change it.
+    quick = script.PRESETS["quick"]
+    assert script.preset_hash(script.override(quick, ["sigmas=0", "seeds=3", "earlyexit_tols=0.1"])) == script.preset_hash(quick)
+    assert script.preset_hash(script.override(quick, ["tau=0.2"])) != script.preset_hash(quick)

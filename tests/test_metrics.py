@@ -28,3 +28,23 @@ def test_paired_difference_edge_cases():
     assert metrics.paired_difference([1.0, 2.0], [0.0, 1.0])["p"] == 0.0  # identical differences
     with pytest.raises(ValueError, match="pair up"):
         metrics.paired_difference([1.0, 2.0], [1.0])
+
+
+def test_per_image_counts_and_image_averaged_f1_by_hand():
+    import torch
+
+    # Image 0: 2 true positives, 1 false positive, 1 false negative -> p = 2/3, r = 2/3.
+    # Image 1: nothing predicted, 2 positives -> p = 0 (0/0), r = 0.
+    pred = torch.tensor([[[1, 1], [1, 0]], [[0, 0], [0, 0]]])
+    target = torch.tensor([[[1, 1], [0, 1]], [[1, 0], [0, 1]]])
+    counts = metrics.per_image_counts(pred, target)
+    assert counts == [metrics.BinaryCounts(2, 1, 1), metrics.BinaryCounts(0, 0, 2)]
+    averaged = metrics.image_averaged_f1(counts)
+    assert averaged["precision"] == pytest.approx(1 / 3) and averaged["recall"] == pytest.approx(1 / 3)
+    assert averaged["f1"] == pytest.approx(1 / 3)
+    # The pooled F1 of the same pixels differs: tp = 2, fp = 1, fn = 3 -> p = 2/3, r = 2/5, F1 = 1/2.
+    assert metrics.f1_score(pred, target) == pytest.approx(0.5)
+    assert (counts[0] + counts[1]).f1() == pytest.approx(metrics.f1_score(pred, target))
+    assert math.isnan(metrics.image_averaged_f1([])["f1"])
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.per_image_counts(pred, target[:1])

@@ -109,3 +109,29 @@ def test_bad_arguments_are_rejected():
         PolygonDataset(2, sigma=-1.0)
     with pytest.raises(ValueError):
         PolygonDataset(2, num_vertices=2)
+
+
+def test_radius_spread_scales_with_the_image_unless_given_in_pixels():
+    from fbkernels.data.polygons import _SHAPE, default_radius_std
+
+    assert default_radius_std(512) == 5.0  # the authors' spread at their image size
+    assert PolygonDataset(1, image_size=48).radius_std == pytest.approx(5.0 * 48 / 512)
+    assert PolygonDataset(1, image_size=1024).radius_std == pytest.approx(10.0)
+    assert PolygonDataset(1, image_size=48, radius_std=5.0).radius_std == 5.0  # explicit pixels still accepted
+    assert PolygonDataset(1, image_size=48, radius_std=0).radius_std == 0.0
+    # The dataset draws its vertices with that spread: replaying the shape stream with it rebuilds the mask.
+    for radius_std in (None, 3.0):
+        ds = PolygonDataset(4, image_size=64, seed=5, radius_std=radius_std)
+        for i in range(4):
+            rng = np.random.default_rng(np.random.SeedSequence([5, _SHAPE, i]))
+            expected = rasterize_polygon(polygon_vertices(rng, 64, 3, ds.radius_std), 64)
+            assert np.array_equal(ds.mask(i), expected)
+    # A larger spread gives different (more irregular) shapes from the same draws.
+    assert not np.array_equal(PolygonDataset(1, image_size=64, seed=5).mask(0),
+                              PolygonDataset(1, image_size=64, seed=5, radius_std=20.0).mask(0))
+
+
+def test_radius_spread_is_validated():
+    for bad in (-1.0, float("nan"), float("inf"), "5", True):
+        with pytest.raises(ValueError, match="radius_std must be None or a finite number of pixels >= 0"):
+            PolygonDataset(1, radius_std=bad)

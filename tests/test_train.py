@@ -73,11 +73,13 @@ def test_evaluate_pools_pixels_and_reads_the_last_step():
 def _tiny_run(backend="eager", epochs=3, checkpoint=None, loss_fn=None, seed=0):
     torch.manual_seed(seed)
     model = FeedbackUNet(3, 2, seg_channels=4, width=4, depth=2, backend=backend, steps=3)
-    data = PolygonDataset(8, image_size=16, sigma=0.3, seed=seed, train=True)
+    # radius_std=5 px: the data LOSS_CURVE_RTOL was set on (the default spread now scales with the image, 0.16 px
+    # at 16x16, and on those sharper triangles the eager and triton-interpreter loss curves differ by up to 3e-3).
+    data = PolygonDataset(8, image_size=16, sigma=0.3, seed=seed, train=True, radius_std=5.0)
     history = train.fit(
         model, data, loss_fn=loss_fn or train.step_loss, epochs=epochs, batch_size=2, lr=0.01,
         lr_halve_every=2, seed=seed, checkpoint=checkpoint, progress=False,
-        val_set=PolygonDataset(2, image_size=16, sigma=0.3, seed=seed + 1),
+        val_set=PolygonDataset(2, image_size=16, sigma=0.3, seed=seed + 1, radius_std=5.0),
         eval_fn=lambda m, d: train.evaluate(m, d, positive_class=1),
     )
     return model, history

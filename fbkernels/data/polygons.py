@@ -4,7 +4,9 @@ Each item is one irregular polygon on a blank image, generated as in the authors
 
 - N vertices (default 3) at angles 2 pi n / N around a centre drawn uniformly over the whole image
   (so the polygon may be cut by the border), no random rotation;
-- a mean radius drawn uniformly in [size / 10, size / 4], each vertex's radius |Normal(mean, 5 px)|;
+- a mean radius drawn uniformly in [size / 10, size / 4], each vertex's radius |Normal(mean, s)| with the
+  spread s = 5 px at 512x512 as in the authors' code, scaled with the image by default
+  (s = 5 * size / 512, so a 48x48 triangle is as irregular as a 512x512 one; ``radius_std`` in pixels overrides it);
 - the polygon filled with 1 on a 0 background and copied to 3 channels;
 - Gaussian noise N(0, sigma) added to every pixel and channel, then the whole (3, H, W) image min-max
   normalised to [0, 1].
@@ -23,7 +25,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["PolygonDataset", "polygon_vertices", "rasterize_polygon"]
+__all__ = ["PolygonDataset", "polygon_vertices", "rasterize_polygon", "default_radius_std"]
+
+# The authors' per-vertex radius spread: 5 px on their 512x512 images.
+_AUTHORS_RADIUS_STD, _AUTHORS_IMAGE_SIZE = 5.0, 512
+
+
+def default_radius_std(image_size: int) -> float:
+    """The per-vertex radius spread in pixels for ``image_size``: the authors' 5 px at 512, in proportion."""
+    return _AUTHORS_RADIUS_STD * image_size / _AUTHORS_IMAGE_SIZE
 
 # Stream tags: the shape, the fixed test noise and the per-epoch training noise of an item never share draws.
 _SHAPE, _TEST_NOISE, _TRAIN_NOISE = 0, 1, 2
@@ -66,8 +76,10 @@ class PolygonDataset(Dataset):
         sigma: standard deviation of the Gaussian input noise (before min-max normalisation).
         seed: selects the shapes and noise; two datasets with different seeds share nothing.
         train: redraw the noise every epoch (``set_epoch``) instead of fixing it by the seed.
-        num_vertices, radius_std, channels: the polygon's vertex count, the per-vertex radius spread
-            in pixels, and the number of identical input channels.
+        num_vertices: the polygon's vertex count.
+        radius_std: the per-vertex radius spread in pixels; None (default) scales the authors' 5 px at
+            512x512 with the image, ``default_radius_std(image_size)`` = 5 * image_size / 512.
+        channels: the number of identical input channels.
     """
 
     num_classes = 2
@@ -81,16 +93,20 @@ class PolygonDataset(Dataset):
         seed: int = 0,
         train: bool = False,
         num_vertices: int = 3,
-        radius_std: float = 5.0,
+        radius_std: float | None = None,
         channels: int = 3,
     ):
+        if radius_std is not None and not (isinstance(radius_std, (int, float)) and not isinstance(radius_std, bool)
+                                           and math.isfinite(radius_std) and radius_std >= 0):
+            raise ValueError(f"radius_std must be None or a finite number of pixels >= 0, got {radius_std!r}")
         if size < 0 or image_size < 1 or sigma < 0 or num_vertices < 3 or channels < 1:
             raise ValueError(
                 "need size >= 0, image_size >= 1, sigma >= 0, num_vertices >= 3 and channels >= 1, got "
                 f"size={size}, image_size={image_size}, sigma={sigma}, num_vertices={num_vertices}, channels={channels}"
             )
         self.size, self.image_size, self.sigma, self.seed = int(size), int(image_size), float(sigma), int(seed)
-        self.train, self.num_vertices, self.radius_std, self.channels = bool(train), num_vertices, radius_std, channels
+        self.radius_std = default_radius_std(self.image_size) if radius_std is None else float(radius_std)
+        self.train, self.num_vertices, self.channels = bool(train), num_vertices, channels
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -130,4 +146,4 @@ class PolygonDataset(Dataset):
 
     def __repr__(self) -> str:
         return (f"PolygonDataset(size={self.size}, image_size={self.image_size}, sigma={self.sigma}, "
-                f"seed={self.seed}, train={self.train})")
+                f"seed={self.seed}, train={self.train}, radius_std={self.radius_std:g})")

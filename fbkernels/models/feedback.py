@@ -14,6 +14,19 @@ orthogonal / transposed; rates r = 1 unless learned), or I without decay. The mo
 step's logits so the loss can be summed over the steps and backpropagated once through the whole
 trajectory; with ``tol`` it stops once the state has settled (inference).
 
+Two options reproduce the authors' code (docs/experiments.md section A) instead of the paper's text:
+
+- ``update_factor="fractional"``: h(t) = h(t-1) + c(t) M(t-1) @ f with
+  c(t) = (1 - (t-1)/T)**(alpha-1) / Gamma(alpha), alpha = 1.5, T the number of steps of the call (its
+  maximum under ``tol``): the schedule is stretched to every call's T, so t never reaches T (at t - 1 = T
+  the factor would be 0, beyond it undefined). c is folded into the decay matrix given to the fused op.
+- ``feedback_layernorm=True``: v(t) = softmax(LN(h(t)[:, d-k:])) (or LN(...) without softmax), LN a
+  layer norm over the spatial positions of each channel without affine parameters; v(0) is the same
+  function of h(0) = 0 (1/k everywhere with softmax) instead of 0.
+
+``decay_init="independent"`` (DecayMatrix) initialises P and P_inv independently (Xavier uniform), as
+the authors' code does, instead of P orthogonal and P_inv = P^T (M(0) = I).
+
 The state h is kept in the loop's parameter dtype (float32 for a float32 model) also under
 ``torch.autocast``: the network and the head may run in bfloat16/float16, but f is cast up before the
 update and M is computed with autocast off, so the accumulation over T steps does not lose precision.
@@ -39,9 +52,12 @@ from torch.utils.checkpoint import checkpoint
 import fbkernels
 from fbkernels.backends import BACKENDS
 
-__all__ = ["DecayMatrix", "FeedbackLoop", "state_changes"]
+__all__ = ["DecayMatrix", "FeedbackLoop", "SpatialLayerNorm", "fractional_update_factors", "state_changes"]
 
 BPTT_MODES = ("full", "checkpoint")
+UPDATE_FACTORS = ("none", "fractional")
+DECAY_INITS = ("orthogonal", "independent")
+FRACTIONAL_ALPHA = 1.5  # the order alpha of the authors' update factor
 
 
 # ---------------------------------------------------------------- setting checks shared by the models
@@ -108,6 +124,44 @@ def check_input(x, *, in_channels: int | None, spatial_dims: int | None) -> None
         raise ValueError(f"x must have in_channels={in_channels} channels, got {x.shape[1]} (shape {list(x.shape)})")
 
 
+def check_choice(name: str, value, choices) -> str:
+    """``value`` if it is one of ``choices`` (strings), else a ValueError naming the argument and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_positive_setting(name: str, value) -> float:
+    """``value`` as a positive finite float; a bool or a non-number is refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive finite number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return float(value)
+
+
+def fractional_update_factors(steps: int, alpha: float = FRACTIONAL_ALPHA) -> list[float]:
+    """The authors' per-step update factors c(t) = (1 - (t-1)/T)**(alpha-1) / Gamma(alpha), t = 1..T (T = steps)."""
+    steps = check_int_setting("steps", steps, 1)
+    return [(1.0 - (t - 1) / steps) ** (alpha - 1.0) / math.gamma(alpha) for t in range(1, steps + 1)]
+
+
+class SpatialLayerNorm(nn.Module):
+    """Layer norm of each (sample, channel) over its spatial positions, no affine: [B, C, *S] -> [B, C, *S].
+
+    y = (x - mean_S(x)) / sqrt(var_S(x) + eps), the biased variance over S, as ``nn.LayerNorm(S)`` at its
+    initialisation (the authors' LayerNorm((H, W)) also learns a per-position scale and shift, which ties the
+    model to one image size; this one works at any size).
+    """
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = check_positive_setting("eps", eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[2:], eps=self.eps)
+
+
 def _check_tol(tol) -> float | None:
     if tol is None:
         return None
@@ -153,19 +207,26 @@ def _running_statistics_kept(norms: list[_NormBase]):
 class DecayMatrix(nn.Module):
     """``M(t) = P diag(exp(-t r / tau)) P_inv``: [d, d], differentiable in P, P_inv and (if learned) r.
 
-    P starts as a random orthogonal basis and P_inv as its transpose (so M(0) = I at initialisation);
-    both are then learned independently. Rates are fixed at 1 (the paper's eigenvalues -1) unless
-    ``learn_rates``, in which case r = softplus(rho) stays positive, starting at 1.
+    With ``init="orthogonal"`` P starts as a random orthogonal basis and P_inv as its transpose (so
+    M(0) = I at initialisation); with ``init="independent"`` (the authors' code) both start as independent
+    Xavier-uniform matrices, so M(0) = P P_inv is not I. Both are then learned independently. Rates are
+    fixed at 1 (the paper's eigenvalues -1) unless ``learn_rates``, in which case r = softplus(rho) stays
+    positive, starting at 1.
     """
 
-    def __init__(self, channels: int, *, tau: float = 1.0, learn_rates: bool = False):
+    def __init__(self, channels: int, *, tau: float = 1.0, learn_rates: bool = False, init: str = "orthogonal"):
         super().__init__()
-        if channels < 1 or not tau > 0:
-            raise ValueError(f"need channels >= 1 and tau > 0, got {channels} and {tau}")
-        self.tau = float(tau)
-        basis = nn.init.orthogonal_(torch.empty(channels, channels))
+        check_int_setting("channels", channels, 1)
+        self.tau = check_positive_setting("tau", tau)
+        self.init = check_choice("decay_init", init, DECAY_INITS)
+        if init == "orthogonal":
+            basis = nn.init.orthogonal_(torch.empty(channels, channels))
+            basis_inv = basis.t().clone()
+        else:
+            basis = nn.init.xavier_uniform_(torch.empty(channels, channels))
+            basis_inv = nn.init.xavier_uniform_(torch.empty(channels, channels))
         self.basis = nn.Parameter(basis)
-        self.basis_inv = nn.Parameter(basis.t().clone())
+        self.basis_inv = nn.Parameter(basis_inv)
         if learn_rates:
             # softplus(log(e - 1)) = 1: learned rates start at the paper's fixed value.
             self.rate_logits = nn.Parameter(torch.full((channels,), math.log(math.e - 1.0)))
@@ -220,6 +281,9 @@ class FeedbackLoop(nn.Module):
         bptt: "full" keeps every step's network activations for backward; "checkpoint" recomputes them.
         backend: fbkernels backend of the state update (None: the fastest available).
         steps: default number of steps T.
+        update_factor: "none" (the paper) or "fractional" (the authors' c(t), see the module docstring).
+        feedback_layernorm: feed back softmax(LN(h[:, d-k:])) (the authors' code) instead of softmax(h[:, d-k:]).
+        decay_init: "orthogonal" (P_inv = P^T, M(0) = I) or "independent" (the authors' code); see DecayMatrix.
         in_channels, spatial_dims: if given, x must be [B, in_channels, *S] with len(S) = spatial_dims.
     ``softmax``, ``bptt``, ``backend`` and ``steps`` can be set later; every value is checked when set.
     """
@@ -238,10 +302,19 @@ class FeedbackLoop(nn.Module):
         bptt: str = "full",
         backend: str | None = None,
         steps: int = 5,
+        update_factor: str = "none",
+        feedback_layernorm: bool = False,
+        decay_init: str = "orthogonal",
         in_channels: int | None = None,
         spatial_dims: int | None = None,
     ):
         super().__init__()
+        self.update_factor = check_choice("update_factor", update_factor, UPDATE_FACTORS)
+        if not isinstance(feedback_layernorm, bool):
+            raise TypeError(f"feedback_layernorm must be a bool, got {type(feedback_layernorm).__name__}")
+        self.feedback_layernorm = feedback_layernorm
+        check_positive_setting("tau", tau)
+        check_choice("decay_init", decay_init, DECAY_INITS)
         self.num_classes = check_int_setting("num_classes", num_classes, 1)
         self.seg_channels = check_int_setting("seg_channels", seg_channels, 1)
         self.in_channels = None if in_channels is None else check_int_setting("in_channels", in_channels, 1)
@@ -249,8 +322,9 @@ class FeedbackLoop(nn.Module):
         self.state_channels = self.seg_channels + self.num_classes
         self.softmax, self.bptt, self.backend, self.steps = softmax, bptt, backend, steps
         self.network, self.head = network, head
-        self.decay = DecayMatrix(self.state_channels, tau=tau, learn_rates=learn_rates) if decay else None
+        self.decay = DecayMatrix(self.state_channels, tau=tau, learn_rates=learn_rates, init=decay_init) if decay else None
         self.register_buffer("identity", torch.eye(self.state_channels), persistent=False)
+        self.feedback_norm = SpatialLayerNorm() if feedback_layernorm else None
 
     # ------------------------------------------------------------ settings, checked when set
 
@@ -301,13 +375,33 @@ class FeedbackLoop(nn.Module):
         if h is None:
             h = torch.zeros_like(f)
         h, v_softmax = fbkernels.feedback_step(h, f, mix, self.num_classes, backend=self.backend)
-        v = v_softmax if self.softmax else h[:, self.seg_channels:]
+        if self.feedback_norm is not None:
+            v = self._feedback(h)
+        else:
+            v = v_softmax if self.softmax else h[:, self.seg_channels:]
         logits = self.head(h[:, : self.seg_channels])
         if not isinstance(logits, Tensor) or list(logits.shape[:2]) != [x.shape[0], self.num_classes]:
             given = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise ValueError(f"head must return logits [B, num_classes, ...] = [{x.shape[0]}, {self.num_classes}, ...] "
                              f"from h[:, :seg_channels], got {given}")
         return h, v, logits
+
+    def _feedback(self, h: Tensor) -> Tensor:
+        """v = softmax(LN(h[:, d-k:])) (LN(...) without softmax): the feedback_layernorm form, from the state h."""
+        v = self.feedback_norm(h[:, self.seg_channels:])
+        return torch.softmax(v, dim=1) if self.softmax else v
+
+    def mixes(self, steps: int) -> Tensor:
+        """The matrices each step applies to f: [steps, d, d], c(t) M(t-1) for t = 1..steps (c = 1 without the
+        fractional factor, M = I without decay)."""
+        if self.decay is not None:
+            mixes = self.decay.matrices(steps)
+        else:
+            mixes = self.identity.expand(steps, -1, -1)
+        if self.update_factor == "fractional":
+            factors = torch.tensor(fractional_update_factors(steps), dtype=mixes.dtype, device=mixes.device)
+            mixes = mixes * factors[:, None, None]
+        return mixes
 
     def _checkpointed_step(self, x: Tensor, v: Tensor, h: Tensor | None, mix: Tensor, norms: list[_NormBase]):
         """``_step`` under torch.utils.checkpoint; the recomputation keeps the norms' running statistics."""
@@ -323,11 +417,13 @@ class FeedbackLoop(nn.Module):
         checkpointed = self.bptt == "checkpoint" and torch.is_grad_enabled()
         norms = [m for m in running_statistics_modules(self.network, self.head) if m.training] if checkpointed else []
         v = x.new_zeros((x.shape[0], self.num_classes, *x.shape[2:]))
+        if self.feedback_norm is not None:
+            v = self._feedback(torch.zeros((x.shape[0], self.state_channels, *x.shape[2:]), dtype=x.dtype, device=x.device))
         h = None
         logits, states = [], []
-        mixes = self.decay.matrices(steps) if self.decay is not None else None
+        mixes = self.mixes(steps)
         for t in range(1, steps + 1):
-            mix = mixes[t - 1] if mixes is not None else self.identity
+            mix = mixes[t - 1]
             if checkpointed:
                 h_next, v, y = self._checkpointed_step(x, v, h, mix, norms)
             else:

@@ -7,6 +7,9 @@
   input size works (the decoder upsamples to each skip's size).
 - ``FeedbackUNet``: ``FeedbackLoop`` around a U-Net from [x, v] (in_channels + k) to the d = l + k
   state channels, with a 1x1 conv head G from the l segmentation channels to the class logits.
+  ``normalization="bn-relu-ln"`` is the authors' code's form (docs/experiments.md section A): the U-Net's
+  output goes through BatchNorm + ReLU and a layer norm over (H, W) per channel before the update, and the
+  feedback is softmax(LN(h[:, d-k:])); the default "none" is the paper's text (the output used as it is).
 - ``FeedforwardUNet``: the same U-Net on x alone, one pass; with ``decay=True`` (the paper's "error
   computation" variant) its output is mixed once by the static decay M(decay_step), through the same
   fused ``fbkernels.feedback_step`` op starting from a zero state.
@@ -19,9 +22,12 @@ from torch import Tensor, nn
 
 import fbkernels
 
-from .feedback import DecayMatrix, FeedbackLoop, backend_setting, check_input, check_int_setting, check_softmax_setting
+from .feedback import (DecayMatrix, FeedbackLoop, SpatialLayerNorm, backend_setting, check_choice, check_input,
+                       check_int_setting, check_softmax_setting)
 
-__all__ = ["UNet", "FeedbackUNet", "FeedforwardUNet"]
+__all__ = ["UNet", "FeedbackUNet", "FeedforwardUNet", "NORMALIZATIONS"]
+
+NORMALIZATIONS = ("none", "bn-relu-ln")  # the paper's text; the authors' code
 
 
 def _num_groups(channels: int, max_groups: int = 8) -> int:
@@ -76,7 +82,10 @@ class FeedbackUNet(FeedbackLoop):
 
     x: [B, in_channels, H, W]. State h: [B, seg_channels + num_classes, H, W]; step t: f = UNet([x, v(t-1)]),
     (h, v) = fbkernels.feedback_step(h, f, M(t-1)), logits(t) = G(h[:, :seg_channels]).
-    See ``FeedbackLoop`` for decay, softmax (binary segmentation: num_classes=2), learn_rates, bptt, backend, tol.
+    See ``FeedbackLoop`` for decay, softmax (binary segmentation: num_classes=2), learn_rates, bptt, backend, tol,
+    update_factor ("none" or the authors' "fractional") and decay_init ("orthogonal" or the authors' "independent").
+    normalization: "none" (f = UNet(...)) or "bn-relu-ln" (f = LN_HW(ReLU(BatchNorm(UNet(...)))) and the feedback
+    softmax(LN_HW(h[:, d-k:])), the authors' code; ``network`` is then that Sequential, its U-Net ``network[0]``).
     """
 
     def __init__(
@@ -94,11 +103,18 @@ class FeedbackUNet(FeedbackLoop):
         bptt: str = "full",
         backend: str | None = None,
         steps: int = 5,
+        normalization: str = "none",
+        update_factor: str = "none",
+        decay_init: str = "orthogonal",
     ):
         state_channels = check_int_setting("seg_channels", seg_channels, 1) + check_int_setting("num_classes", num_classes, 1)
         check_softmax_setting(softmax, num_classes)  # before building a U-Net that could not be used
+        self_normalization = check_choice("normalization", normalization, NORMALIZATIONS)
+        network = UNet(in_channels + num_classes, state_channels, width=width, depth=depth)
+        if normalization == "bn-relu-ln":
+            network = nn.Sequential(network, nn.BatchNorm2d(state_channels), nn.ReLU(), SpatialLayerNorm())
         super().__init__(
-            network=UNet(in_channels + num_classes, state_channels, width=width, depth=depth),
+            network=network,
             head=nn.Conv2d(seg_channels, num_classes, 1),
             num_classes=num_classes,
             seg_channels=seg_channels,
@@ -109,9 +125,13 @@ class FeedbackUNet(FeedbackLoop):
             bptt=bptt,
             backend=backend,
             steps=steps,
+            update_factor=update_factor,
+            feedback_layernorm=normalization == "bn-relu-ln",
+            decay_init=decay_init,
             in_channels=in_channels,
             spatial_dims=2,
         )
+        self.normalization = self_normalization
 
 
 class FeedforwardUNet(nn.Module):
