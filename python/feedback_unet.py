@@ -37,6 +37,7 @@ Differences from the authors' code (docs/experiments.md section A lists them wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -236,13 +237,52 @@ def run(spec: RunSpec, preset: Preset, args, *, keep_model=False):
     example_path, weights_path = runs_dir / f"{key}.npz", runs_dir / f"{key}.weights.pt"
     torch.manual_seed(spec.seed)
     model = build_model(spec, preset, args.backend)
-    if all(p.exists() for p in (result_path, example_path, weights_path)):
+
+    def cached():
+        if not all(p.exists() for p in (result_path, example_path, weights_path)):
+            return None
         result = json.loads(result_path.read_text())
         if not keep_model:
             return result
         model.load_state_dict(torch.load(weights_path, map_location="cpu"))
         return result, model.to(args.device)
+
+    if (found := cached()) is not None:
+        return found
     runs_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(runs_dir / f"{key}.lock"):
+        # Another experiment process may have trained this run while we waited for the lock.
+        if (found := cached()) is not None:
+            return found
+        return train_and_evaluate(spec, preset, args, model, key, keep_model)
+
+
+@contextlib.contextmanager
+def run_lock(path: Path):
+    """Holds an exclusive lock on ``path`` (POSIX), so two experiment processes sharing --out never train the same
+    run at once (the second waits, then finds the result). Not taken under torchrun, where every rank trains the
+    run together, nor where fcntl does not exist."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if distributed or fcntl is None:
+        yield
+        return
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def train_and_evaluate(spec: RunSpec, preset: Preset, args, model, key: str, keep_model: bool):
+    """Train one run from scratch (or its checkpoint), evaluate it, write its cache files; returns run()'s value."""
+    runs_dir = Path(args.out) / "runs"
+    result_path, ckpt_path = runs_dir / f"{key}.json", runs_dir / f"{key}.pt"
+    example_path, weights_path = runs_dir / f"{key}.npz", runs_dir / f"{key}.weights.pt"
     train_set, test_set = datasets(preset, spec.sigma, spec.train_size, spec.seed)
     started = time.perf_counter()
     history = train.fit(

@@ -707,3 +707,15 @@ def test_feedback_unet_authors_options_from_the_command_line(tmp_path):
     quick = script.PRESETS["quick"]
     assert script.preset_hash(script.override(quick, ["sigmas=0", "seeds=3", "earlyexit_tols=0.1"])) == script.preset_hash(quick)
     assert script.preset_hash(script.override(quick, ["tau=0.2"])) != script.preset_hash(quick)
+
+
+def test_run_lock_excludes_a_second_holder(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    script = _experiment_script()
+    path = tmp_path / "run.lock"
+    with script.run_lock(path):
+        with open(path) as other:  # a second open file description: what another process would hold
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(path) as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit
