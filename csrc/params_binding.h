@@ -1,7 +1,7 @@
 // pybind11 registration of the parameter structs of csrc/common.h, shared by the CPU modules (fbkernels._C,
 // fbkernels._C_avx2) and the CUDA module (fbkernels._C_cuda). The classes are module-local: each module registers
-// its own copy of the same C++ types, so any of them can be imported together in one process, and a struct is
-// passed only to functions of the module that made it (fbkernels/_params.py asks the module it calls).
+// its own Python classes for the same C++ types, so any of them can be imported together in one process
+// (fbkernels/_params.py makes each struct with the module it calls).
 #pragma once
 
 #include <pybind11/pybind11.h>

@@ -1,8 +1,9 @@
 """The parameter structs of the compiled kernels (csrc/common.h), filled the same way for the cpp and cuda backends.
 
-Each compiled module (fbkernels._C, fbkernels._C_avx2, fbkernels._C_cuda) registers its own FeedbackStepParams and
-ContextGateParams, and takes only its own, so the struct is made by the module that will run it. Tensors become
-their data pointers, None becomes 0 (absent); sizes come from ``like``, the dtype code from its dtype.
+Each compiled module (fbkernels._C, fbkernels._C_avx2, fbkernels._C_cuda) registers its own Python classes
+FeedbackStepParams and ContextGateParams for the same C++ structs; a struct is made by the module that will run it.
+Tensors become their data pointers, None becomes 0 (absent); sizes come from ``like``, the dtype code from its
+dtype.
 """
 from __future__ import annotations
 

@@ -184,10 +184,10 @@ def test_backward_checks_its_partials_workspace(ext):
     need = ext.feedback_step_num_partials(_sizes(ext, B, d, N)) * d * d
     partials = torch.empty(need)
 
-    def params(**fields):
-        return _params.feedback_step_params(
-            ext, f, k, stream=STREAM, f=f, v=v, decay=decay, grad_v=v, grad_h=torch.empty_like(f),
-            grad_f=torch.empty_like(f), grad_decay=grad_decay, partials=partials, partials_elements=need, **fields)
+    def params(**changed):
+        fields = dict(stream=STREAM, f=f, v=v, decay=decay, grad_v=v, grad_h=torch.empty_like(f),
+                      grad_f=torch.empty_like(f), grad_decay=grad_decay, partials=partials, partials_elements=need)
+        return _params.feedback_step_params(ext, f, k, **{**fields, **changed})
 
     with pytest.raises(ValueError, match=f"partials workspace must hold .* = {need} elements, got {need - 1}"):
         ext.feedback_step_backward(params(partials_elements=need - 1))
@@ -279,15 +279,18 @@ def test_bad_arguments_raise(ext):
         _cuda.launch_context_gate_forward(ext, STREAM, x, torch.randn(1, 4), 1.5)
 
 
-def test_each_module_takes_only_its_own_structs(ext):
-    """The CPU modules and the CUDA module register the same C++ structs module-locally: all load in one process,
-    and a struct made by one module is refused by another."""
+def test_cpu_and_cuda_modules_load_together(ext):
+    """The CPU modules and the CUDA module each register the same C++ structs (module-locally): all load in one
+    process, each with its own Python classes, and each runs the structs it made."""
     cpu = pytest.importorskip("fbkernels._C")
-    x = torch.randn(1, 4, 8)
-    with pytest.raises(TypeError):
-        ext.feedback_step_forward(_params.feedback_step_params(cpu, x, 2, h=x, f=x, decay=x, h_next=x, v=x))
-    with pytest.raises(TypeError):
-        cpu.context_gate_forward(_params.context_gate_params(ext, x, 0.5, h=x, gate_logits=x, out=x))
+    assert cpu.FeedbackStepParams is not ext.FeedbackStepParams
+    assert cpu.ContextGateParams is not ext.ContextGateParams
+    x, a = torch.randn(1, 4, 8), torch.randn(1, 4)
+    expected = _reference.context_gate_forward(x, a, 0.5)
+    for module in (cpu, ext):
+        out = torch.empty_like(x)
+        module.context_gate_forward(_params.context_gate_params(module, x, 0.5, h=x, gate_logits=a, out=out))
+        torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.skipif(SANITIZED, reason="this is the sanitized run")

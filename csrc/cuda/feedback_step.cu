@@ -18,9 +18,8 @@
 // workspace, and a second kernel sums them in a fixed order: the result is deterministic, with no float atomics.
 //
 // The launchers take a FeedbackStepParams and turn it once into a typed FeedbackStepArgs for the launch helpers.
-// The __global__ kernels keep separate `__restrict__` pointer parameters: passed inside a struct, nvcc no longer
-// proves the inputs read-only and emits plain loads instead of about half the ld.global.nc (read-only cache)
-// loads.
+// The __global__ kernels take separate `__restrict__` pointer parameters: for pointers passed inside a struct nvcc
+// cannot prove the inputs read-only, and about half of the ld.global.nc (read-only cache) loads become plain loads.
 #include <algorithm>
 #include <map>
 #include <mutex>
