@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._params import context_gate_params, feedback_step_params
+
 _BUILD_HINT = (
     "fbkernels was built without CUDA; reinstall with a CUDA toolkit present: "
     "FBKERNELS_CUDA=ON pip install --no-build-isolation ."
@@ -133,7 +134,7 @@ def context_gate_backward(grad_out, h, gate_logits, alpha, needs_grad=(True, Tru
 # this same host code against the CPU emulation of the CUDA kernels.
 
 def launch_feedback_step_forward(ext, stream, h, f, decay, num_feedback):
-    B, d, N = h.shape
+    B, _, N = h.shape
     h_next = torch.empty_like(h)
     v = torch.empty((B, int(num_feedback), N), dtype=h.dtype, device=h.device)
     ext.feedback_step_forward(feedback_step_params(
@@ -143,7 +144,7 @@ def launch_feedback_step_forward(ext, stream, h, f, decay, num_feedback):
 
 def launch_feedback_step_backward(ext, stream, grad_h, grad_v, f, v, decay, num_feedback,
                                   needs_grad=(True, True, True)):
-    B, d, N = f.shape
+    d = f.shape[1]
     need_h, need_f, need_decay = (bool(flag) for flag in needs_grad)
     grad_h_in = torch.empty_like(f) if need_h else None
     grad_f = torch.empty_like(f) if need_f else None
