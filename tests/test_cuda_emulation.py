@@ -183,10 +183,11 @@ def test_backward_checks_its_partials_workspace(ext):
     decay, grad_decay = torch.randn(d, d), torch.empty(d, d)
     need = ext.feedback_step_num_partials(_sizes(ext, B, d, N)) * d * d
     partials = torch.empty(need)
+    grad_h, grad_f = torch.empty_like(f), torch.empty_like(f)  # alive for the whole test: structs hold addresses
 
     def params(**changed):
-        fields = dict(stream=STREAM, f=f, v=v, decay=decay, grad_v=v, grad_h=torch.empty_like(f),
-                      grad_f=torch.empty_like(f), grad_decay=grad_decay, partials=partials, partials_elements=need)
+        fields = dict(stream=STREAM, f=f, v=v, decay=decay, grad_v=v, grad_h=grad_h, grad_f=grad_f,
+                      grad_decay=grad_decay, partials=partials, partials_elements=need)
         return _params.feedback_step_params(ext, f, k, **{**fields, **changed})
 
     with pytest.raises(ValueError, match=f"partials workspace must hold .* = {need} elements, got {need - 1}"):
