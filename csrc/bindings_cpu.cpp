@@ -1,7 +1,8 @@
 // pybind11 bindings of the CPU kernels: module fbkernels._C (and fbkernels._C_avx2, the same source built for
-// AVX2 + FMA). fbkernels/_cpp.py fills one parameter struct per call (data pointers of contiguous tensors it made,
-// sizes, dtype code, thread count, which gradients to write) and calls one entry per op and pass. Each entry
-// checks the struct, releases the GIL, runs the kernel and returns the number of threads that ran it.
+// AVX2 + FMA). fbkernels/_cpp.py fills one parameter struct per call (csrc/common.h, registered by
+// csrc/params_binding.h: data pointers of contiguous tensors it made, sizes, dtype code, thread count, which
+// gradients to write) and calls one entry per op and pass. Each entry checks the struct, releases the GIL, runs
+// the kernel and returns the number of threads that ran it.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -9,6 +10,7 @@
 #include "common.h"
 #include "cpu/context_gate.h"
 #include "cpu/feedback_step.h"
+#include "params_binding.h"
 
 namespace py = pybind11;
 
@@ -99,48 +101,7 @@ PYBIND11_MODULE(FBKERNELS_CPU_MODULE, m) {
   using namespace fbkernels;
   m.doc() = "fbkernels CPU kernels (feedback step, context gate) on raw pointers of contiguous tensors";
 
-  // module_local: _C and _C_avx2 both register these C++ types, and one process may import both.
-  py::class_<FeedbackStepParams>(m, "FeedbackStepParams", py::module_local(),
-                                 "Arguments of one feedback_step kernel call: sizes, dtype code, thread count, data "
-                                 "pointers (0 = absent) and which gradients to write.")
-      .def(py::init<>())
-      .def_readwrite("B", &FeedbackStepParams::B)
-      .def_readwrite("d", &FeedbackStepParams::d)
-      .def_readwrite("N", &FeedbackStepParams::N)
-      .def_readwrite("k", &FeedbackStepParams::k)
-      .def_readwrite("dtype", &FeedbackStepParams::dtype)
-      .def_readwrite("num_threads", &FeedbackStepParams::num_threads)
-      .def_readwrite("h", &FeedbackStepParams::h)
-      .def_readwrite("f", &FeedbackStepParams::f)
-      .def_readwrite("decay", &FeedbackStepParams::decay)
-      .def_readwrite("h_next", &FeedbackStepParams::h_next)
-      .def_readwrite("v", &FeedbackStepParams::v)
-      .def_readwrite("grad_h_next", &FeedbackStepParams::grad_h_next)
-      .def_readwrite("grad_v", &FeedbackStepParams::grad_v)
-      .def_readwrite("grad_h", &FeedbackStepParams::grad_h)
-      .def_readwrite("grad_f", &FeedbackStepParams::grad_f)
-      .def_readwrite("grad_decay", &FeedbackStepParams::grad_decay)
-      .def_readwrite("need_grad_h", &FeedbackStepParams::need_grad_h)
-      .def_readwrite("need_grad_f", &FeedbackStepParams::need_grad_f)
-      .def_readwrite("need_grad_decay", &FeedbackStepParams::need_grad_decay);
-  py::class_<ContextGateParams>(m, "ContextGateParams", py::module_local(),
-                                "Arguments of one context_gate kernel call: sizes, alpha, dtype code, thread count, "
-                                "data pointers and which gradients to write.")
-      .def(py::init<>())
-      .def_readwrite("B", &ContextGateParams::B)
-      .def_readwrite("C", &ContextGateParams::C)
-      .def_readwrite("N", &ContextGateParams::N)
-      .def_readwrite("alpha", &ContextGateParams::alpha)
-      .def_readwrite("dtype", &ContextGateParams::dtype)
-      .def_readwrite("num_threads", &ContextGateParams::num_threads)
-      .def_readwrite("h", &ContextGateParams::h)
-      .def_readwrite("gate_logits", &ContextGateParams::gate_logits)
-      .def_readwrite("out", &ContextGateParams::out)
-      .def_readwrite("grad_out", &ContextGateParams::grad_out)
-      .def_readwrite("grad_h", &ContextGateParams::grad_h)
-      .def_readwrite("grad_gate_logits", &ContextGateParams::grad_gate_logits)
-      .def_readwrite("need_grad_h", &ContextGateParams::need_grad_h)
-      .def_readwrite("need_grad_gate_logits", &ContextGateParams::need_grad_gate_logits);
+  bind_params(m);
 
   m.def("feedback_step_forward", &feedback_step_forward,
         "h_next = h + decay @ f per position, v = softmax of h_next's last k channels; returns the threads used.",

@@ -1,9 +1,9 @@
 """Host side of the "cpp" backend: allocates outputs with torch and calls the C++ kernels (fbkernels._C_avx2 or _C).
 
 All functions take the canonical layout of fbkernels.ops: contiguous [B, d, N] tensors of one dtype on the CPU.
-Each call fills one parameter struct (pointers, sizes, dtype code, thread count, which gradients to write) and
-calls one compiled entry per op and pass. The kernels run on PyTorch's own OpenMP thread pool, with
-``torch.get_num_threads()`` threads; their results do not depend on the thread count.
+Each call fills one parameter struct (fbkernels/_params.py: pointers, sizes, dtype code, thread count, which
+gradients to write) and calls one compiled entry per op and pass. The kernels run on PyTorch's own OpenMP thread
+pool, with ``torch.get_num_threads()`` threads; their results do not depend on the thread count.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import importlib
 import warnings
 
 import torch
+
+from ._params import context_gate_params, feedback_step_params
 
 
 def load_kernels(prefer_avx2: bool | None = None):
@@ -48,42 +50,22 @@ if len(loaded_openmp_runtimes()) > 1:
         RuntimeWarning, stacklevel=2,
     )
 
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+
+def _feedback_step_params(like, num_feedback, **fields):
+    """_C.FeedbackStepParams for a state ``like`` [B, d, N], running on torch.get_num_threads() threads."""
+    return feedback_step_params(_C, like, num_feedback, num_threads=max(1, torch.get_num_threads()), **fields)
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _feedback_step_params(like: torch.Tensor, num_feedback: int, **pointers):
-    B, d, N = like.shape
-    params = _C.FeedbackStepParams()
-    params.B, params.d, params.N, params.k = B, d, N, num_feedback
-    params.dtype = _DTYPE_CODES[like.dtype]
-    params.num_threads = max(1, torch.get_num_threads())
-    for name, value in pointers.items():
-        setattr(params, name, value)
-    return params
-
-
-def _context_gate_params(like: torch.Tensor, alpha: float, **pointers):
-    B, C, N = like.shape
-    params = _C.ContextGateParams()
-    params.B, params.C, params.N, params.alpha = B, C, N, float(alpha)
-    params.dtype = _DTYPE_CODES[like.dtype]
-    params.num_threads = max(1, torch.get_num_threads())
-    for name, value in pointers.items():
-        setattr(params, name, value)
-    return params
+def _context_gate_params(like, alpha, **fields):
+    """_C.ContextGateParams for a feature map ``like`` [B, C, N], running on torch.get_num_threads() threads."""
+    return context_gate_params(_C, like, alpha, num_threads=max(1, torch.get_num_threads()), **fields)
 
 
 def feedback_step_forward(h, f, decay, num_feedback):
     B, d, N = h.shape
     h_next = torch.empty_like(h)
     v = torch.empty((B, num_feedback, N), dtype=h.dtype, device=h.device)
-    _C.feedback_step_forward(_feedback_step_params(
-        h, num_feedback, h=h.data_ptr(), f=f.data_ptr(), decay=decay.data_ptr(), h_next=h_next.data_ptr(),
-        v=v.data_ptr()))
+    _C.feedback_step_forward(_feedback_step_params(h, num_feedback, h=h, f=f, decay=decay, h_next=h_next, v=v))
     return h_next, v
 
 
@@ -95,16 +77,15 @@ def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback, needs_grad
     grad_f = torch.empty_like(f) if need_f else None
     grad_decay = torch.empty_like(decay) if need_decay else None
     _C.feedback_step_backward(_feedback_step_params(
-        f, num_feedback, f=f.data_ptr(), v=v.data_ptr(), decay=decay.data_ptr(), grad_h_next=_ptr(grad_h),
-        grad_v=_ptr(grad_v), grad_h=_ptr(grad_h_in), grad_f=_ptr(grad_f), grad_decay=_ptr(grad_decay),
-        need_grad_h=need_h, need_grad_f=need_f, need_grad_decay=need_decay))
+        f, num_feedback, f=f, v=v, decay=decay, grad_h_next=grad_h, grad_v=grad_v,
+        grad_h=grad_h_in, grad_f=grad_f, grad_decay=grad_decay, need_grad_h=need_h, need_grad_f=need_f,
+        need_grad_decay=need_decay))
     return grad_h_in, grad_f, grad_decay
 
 
 def context_gate_forward(h, gate_logits, alpha):
     out = torch.empty_like(h)
-    _C.context_gate_forward(_context_gate_params(
-        h, alpha, h=h.data_ptr(), gate_logits=gate_logits.data_ptr(), out=out.data_ptr()))
+    _C.context_gate_forward(_context_gate_params(h, alpha, h=h, gate_logits=gate_logits, out=out))
     return out
 
 
@@ -114,7 +95,6 @@ def context_gate_backward(grad_out, h, gate_logits, alpha, needs_grad=(True, Tru
     grad_h = torch.empty_like(h) if need_h else None
     grad_gate_logits = torch.empty_like(gate_logits) if need_gate else None
     _C.context_gate_backward(_context_gate_params(
-        h, alpha, grad_out=grad_out.data_ptr(), h=h.data_ptr(), gate_logits=gate_logits.data_ptr(),
-        grad_h=_ptr(grad_h), grad_gate_logits=_ptr(grad_gate_logits), need_grad_h=need_h,
-        need_grad_gate_logits=need_gate))
+        h, alpha, grad_out=grad_out, h=h, gate_logits=gate_logits, grad_h=grad_h,
+        grad_gate_logits=grad_gate_logits, need_grad_h=need_h, need_grad_gate_logits=need_gate))
     return grad_h, grad_gate_logits

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+from ._params import context_gate_params, feedback_step_params
+
 _BUILD_HINT = (
     "fbkernels was built without CUDA; reinstall with a CUDA toolkit present: "
     "FBKERNELS_CUDA=ON pip install --no-build-isolation ."
@@ -75,13 +76,6 @@ def image_reason(device_name: str, capability: tuple[int, int], architectures: l
     )
 
 
-def _dtype_code(t: torch.Tensor) -> int:
-    code = _DTYPE_CODES.get(t.dtype)
-    if code is None:
-        raise TypeError(f"the cuda backend supports {[str(d) for d in _DTYPE_CODES]}, got {t.dtype}")
-    return code
-
-
 def _check(*tensors: torch.Tensor | None) -> torch.Tensor:
     """The first tensor, after checking that all given tensors are contiguous CUDA tensors of one dtype/device."""
     first = next(t for t in tensors if t is not None)
@@ -97,10 +91,6 @@ def _check(*tensors: torch.Tensor | None) -> torch.Tensor:
         if not t.is_contiguous():
             raise ValueError("the cuda backend takes contiguous tensors (fbkernels.ops makes them so)")
     return first
-
-
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def _stream(device: torch.device) -> int:
@@ -144,57 +134,47 @@ def context_gate_backward(grad_out, h, gate_logits, alpha, needs_grad=(True, Tru
 # this same host code against the CPU emulation of the CUDA kernels.
 
 def launch_feedback_step_forward(ext, stream, h, f, decay, num_feedback):
-    B, d, N = h.shape
-    k = int(num_feedback)
+    B, _, N = h.shape
     h_next = torch.empty_like(h)
-    v = torch.empty((B, k, N), dtype=h.dtype, device=h.device)
-    ext.feedback_step_forward(
-        h.data_ptr(), f.data_ptr(), decay.data_ptr(), h_next.data_ptr(), v.data_ptr(),
-        B, d, N, k, _dtype_code(h), stream,
-    )
+    v = torch.empty((B, int(num_feedback), N), dtype=h.dtype, device=h.device)
+    ext.feedback_step_forward(feedback_step_params(
+        ext, h, num_feedback, stream=stream, h=h, f=f, decay=decay, h_next=h_next, v=v))
     return h_next, v
 
 
 def launch_feedback_step_backward(ext, stream, grad_h, grad_v, f, v, decay, num_feedback,
                                   needs_grad=(True, True, True)):
-    B, d, N = f.shape
-    k = int(num_feedback)
-    need_h, need_f, need_decay = needs_grad
+    d = f.shape[1]
+    need_h, need_f, need_decay = (bool(flag) for flag in needs_grad)
     grad_h_in = torch.empty_like(f) if need_h else None
     grad_f = torch.empty_like(f) if need_f else None
     grad_decay = torch.empty((d, d), dtype=f.dtype, device=f.device) if need_decay else None
-    partials = None
+    params = feedback_step_params(
+        ext, f, num_feedback, stream=stream, f=f, v=v, decay=decay, grad_h_next=grad_h, grad_v=grad_v,
+        grad_h=grad_h_in, grad_f=grad_f, grad_decay=grad_decay, need_grad_h=need_h, need_grad_f=need_f,
+        need_grad_decay=need_decay)
     if need_decay:
         # Sized by the kernel module (its count is cached per device there), which checks it again at launch.
         partial_dtype = torch.float64 if f.dtype == torch.float64 else torch.float32
-        partials = torch.empty(ext.feedback_step_num_partials(B, d, N) * d * d, dtype=partial_dtype, device=f.device)
+        partials = torch.empty(ext.feedback_step_num_partials(params) * d * d, dtype=partial_dtype, device=f.device)
+        params.partials, params.partials_elements = partials.data_ptr(), partials.numel()
     if need_h or need_f or need_decay:
-        ext.feedback_step_backward(
-            _ptr(grad_h), _ptr(grad_v), f.data_ptr(), v.data_ptr(), decay.data_ptr(),
-            _ptr(grad_h_in), _ptr(grad_f), _ptr(grad_decay), _ptr(partials),
-            0 if partials is None else partials.numel(),
-            B, d, N, k, _dtype_code(f), stream,
-        )
+        ext.feedback_step_backward(params)
     return grad_h_in, grad_f, grad_decay
 
 
 def launch_context_gate_forward(ext, stream, h, gate_logits, alpha):
-    B, C, N = h.shape
     out = torch.empty_like(h)
-    ext.context_gate_forward(
-        h.data_ptr(), gate_logits.data_ptr(), out.data_ptr(), B, C, N, float(alpha), _dtype_code(h), stream,
-    )
+    ext.context_gate_forward(context_gate_params(ext, h, alpha, stream=stream, h=h, gate_logits=gate_logits, out=out))
     return out
 
 
 def launch_context_gate_backward(ext, stream, grad_out, h, gate_logits, alpha, needs_grad=(True, True)):
-    B, C, N = h.shape
-    need_h, need_gate = needs_grad
+    need_h, need_gate = (bool(flag) for flag in needs_grad)
     grad_h = torch.empty_like(h) if need_h else None
     grad_gate_logits = torch.empty_like(gate_logits) if need_gate else None
     if need_h or need_gate:
-        ext.context_gate_backward(
-            grad_out.data_ptr(), h.data_ptr(), gate_logits.data_ptr(), _ptr(grad_h), _ptr(grad_gate_logits),
-            B, C, N, float(alpha), _dtype_code(h), stream,
-        )
+        ext.context_gate_backward(context_gate_params(
+            ext, h, alpha, stream=stream, grad_out=grad_out, h=h, gate_logits=gate_logits, grad_h=grad_h,
+            grad_gate_logits=grad_gate_logits, need_grad_h=need_h, need_grad_gate_logits=need_gate))
     return grad_h, grad_gate_logits

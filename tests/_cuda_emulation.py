@@ -1,28 +1,32 @@
-"""Builds csrc/cuda's kernels, unchanged, for the CPU emulation of CUDA in tests/cuda_emulation, and loads them.
+"""Builds csrc/cuda's kernels and bindings, unchanged, for the CPU emulation of CUDA in tests/cuda_emulation, and
+loads them.
 
 The .cu sources are compiled by g++ after two textual rewrites that keep every line number: a launch
 `kernel<<<cfg>>>(args)` becomes `kernel | ::cuda_emulation::Config(cfg) | ::cuda_emulation::args(args)`, and each
-__shared__ declaration is followed by a call that poisons the array at the start of every block. The result is a
-shared library with C entry points (tests/cuda_emulation/c_api.cpp); `EmulatedCuda` wraps it with the same
-functions and arguments as the real module fbkernels._C_cuda, so fbkernels/_cuda.py's host code drives it.
+__shared__ declaration is followed by a call that poisons the array at the start of every block. They are linked
+with the real pybind11 bindings (csrc/cuda/bindings.cpp) into an extension module `_C_cuda`: `EmulatedCuda` is
+that module (same parameter structs and functions as fbkernels._C_cuda, so fbkernels/_cuda.py's host code drives
+it) plus what only the emulation can tell, the stream of each launch.
 
-    python tests/_cuda_emulation.py OUT_DIR [--sanitize]    builds OUT_DIR/libfbk_cuda_emulation.so
+    python tests/_cuda_emulation.py OUT_DIR [--sanitize]    builds OUT_DIR/_C_cuda_emulated.so
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "cuda_emulation"
 CUDA_SOURCES = [ROOT / "csrc" / "cuda" / "feedback_step.cu", ROOT / "csrc" / "cuda" / "context_gate.cu"]
-LIBRARY = "libfbk_cuda_emulation.so"
+LIBRARY = "_C_cuda_emulated.so"
 # AddressSanitizer (out-of-bounds global memory, use after free) and UndefinedBehaviorSanitizer (misaligned
 # vector accesses, signed overflow in index arithmetic); any finding aborts the process.
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
@@ -41,9 +45,10 @@ def translate(source: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def compiler() -> str | None:
-    """The C++ compiler ($CXX, else g++), or None without one that has _Float16 (GCC >= 12 on x86-64 has)."""
+    """The C++ compiler ($CXX, else g++), or None without one that has _Float16 (GCC >= 12 on x86-64 has) or
+    without pybind11 (the bindings are built too)."""
     cxx = os.environ.get("CXX") or shutil.which("g++")
-    if cxx is None:
+    if cxx is None or importlib.util.find_spec("pybind11") is None:
         return None
     probe = subprocess.run([cxx, "-x", "c++", "-std=c++17", "-fsyntax-only", "-"], input="_Float16 half_value;\n",
                            capture_output=True, text=True)
@@ -57,8 +62,12 @@ def build(out_dir: Path, sanitize: bool = False) -> Path:
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
+    import pybind11
+
     flags = ["-std=c++17", "-O2" if not sanitize else "-O1", "-g", "-fPIC", "-pthread", "-Wall",
-             "-Wno-unknown-pragmas", "-Wno-unused-function", f"-I{EMULATION / 'include'}", f"-I{ROOT / 'csrc'}"]
+             "-Wno-unknown-pragmas", "-Wno-unused-function", f"-I{EMULATION / 'include'}", f"-I{ROOT / 'csrc'}",
+             f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
+             '-DFBKERNELS_CUDA_ARCHITECTURES="emulated"']
     if sanitize:
         flags += SANITIZE_FLAGS
     units = []
@@ -66,7 +75,7 @@ def build(out_dir: Path, sanitize: bool = False) -> Path:
         translated = out_dir / (cu.stem + ".emulated.cpp")
         translated.write_text(f'#line 1 "{cu}"\n' + translate(cu.read_text()))
         units.append(translated)
-    units += [EMULATION / "cuda_emulation.cpp", EMULATION / "c_api.cpp"]
+    units += [EMULATION / "cuda_emulation.cpp", ROOT / "csrc" / "cuda" / "bindings.cpp"]
     objects, jobs = [], []
     for unit in units:
         obj = out_dir / (unit.name + ".o")
@@ -82,63 +91,19 @@ def build(out_dir: Path, sanitize: bool = False) -> Path:
 
 
 class EmulatedCuda:
-    """The functions of fbkernels._C_cuda (same names and arguments), run by the emulation on CPU memory."""
+    """The emulated fbkernels._C_cuda (its attributes are the module's) and the streams its kernels launched on."""
 
     def __init__(self, library: Path):
-        lib = ctypes.CDLL(str(library))
-        ptr, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-        signatures = {
-            "fbk_feedback_step_forward": [ptr] * 5 + [i64] * 4 + [i32, ptr],
-            "fbk_feedback_step_num_partials": [i64] * 3 + [ctypes.POINTER(i64)],
-            "fbk_feedback_step_backward": [ptr] * 9 + [i64] * 5 + [i32, ptr],
-            "fbk_context_gate_forward": [ptr] * 3 + [i64] * 3 + [f64, i32, ptr],
-            "fbk_context_gate_backward": [ptr] * 5 + [i64] * 3 + [f64, i32, ptr],
-            "fbk_emulation_take_streams": [ctypes.POINTER(ctypes.c_uint64), i64],
-        }
-        for name, argtypes in signatures.items():
-            fn = getattr(lib, name)
-            fn.argtypes = argtypes
-            fn.restype = ctypes.c_int64 if name.startswith("fbk_emulation_") else ctypes.c_int
-        lib.fbk_emulation_error.restype = ctypes.c_char_p
-        lib.fbk_kernel_image_error.restype = ctypes.c_char_p
-        self._lib = lib
+        # PyInit__C_cuda: the module must be loaded under the name the bindings declare.
+        spec = importlib.util.spec_from_file_location("_C_cuda", library)
+        self._module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(self._module)
+        self._lib = ctypes.CDLL(str(library))  # the same loaded library: its launch record
+        self._lib.fbk_emulation_take_streams.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_int64]
+        self._lib.fbk_emulation_take_streams.restype = ctypes.c_int64
 
-    def _call(self, name, *args):
-        status = getattr(self._lib, "fbk_" + name)(*args)
-        if status:
-            message = self._lib.fbk_emulation_error().decode()
-            raise (ValueError if status == 1 else RuntimeError)(message)
-
-    @staticmethod
-    def _pointers(addresses):
-        return [ctypes.c_void_p(a or None) for a in addresses]
-
-    def feedback_step_forward(self, h, f, decay, h_next, v, B, d, N, k, dtype, stream):
-        self._call("feedback_step_forward", *self._pointers([h, f, decay, h_next, v]), B, d, N, k, dtype,
-                   ctypes.c_void_p(stream or None))
-
-    def feedback_step_num_partials(self, B, d, N):
-        out = ctypes.c_int64()
-        self._call("feedback_step_num_partials", B, d, N, ctypes.byref(out))
-        return out.value
-
-    def feedback_step_backward(self, grad_h, grad_v, f, v, decay, grad_h_in, grad_f, grad_decay, partials,
-                               partials_elements, B, d, N, k, dtype, stream):
-        self._call("feedback_step_backward",
-                   *self._pointers([grad_h, grad_v, f, v, decay, grad_h_in, grad_f, grad_decay, partials]),
-                   partials_elements, B, d, N, k, dtype, ctypes.c_void_p(stream or None))
-
-    def context_gate_forward(self, h, gate_logits, out, B, C, N, alpha, dtype, stream):
-        self._call("context_gate_forward", *self._pointers([h, gate_logits, out]), B, C, N, alpha, dtype,
-                   ctypes.c_void_p(stream or None))
-
-    def context_gate_backward(self, grad_out, h, gate_logits, grad_h, grad_gate_logits, B, C, N, alpha, dtype,
-                              stream):
-        self._call("context_gate_backward", *self._pointers([grad_out, h, gate_logits, grad_h, grad_gate_logits]),
-                   B, C, N, alpha, dtype, ctypes.c_void_p(stream or None))
-
-    def kernel_image_error(self):
-        return self._lib.fbk_kernel_image_error().decode()
+    def __getattr__(self, name):
+        return getattr(self._module, name)
 
     def take_launch_streams(self, max_launches=64):
         """The stream handle of each kernel launch since the last call, in launch order."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fbkernels import _cuda, _reference
+from fbkernels import _cuda, _params, _reference
 
 import _cuda_emulation
 from _compare import assert_close
@@ -171,21 +171,32 @@ def test_context_gate_backward_computes_only_what_is_needed(ext, needs_grad):
             assert x is None, name
 
 
+def _sizes(ext, B, d, N):
+    """A FeedbackStepParams of the emulated module with only the sizes set."""
+    return _params.feedback_step_params(ext, torch.empty(B, d, N), 1)
+
+
 def test_backward_checks_its_partials_workspace(ext):
     """The workspace size comes from the kernel module; one too small is refused before any launch."""
     B, d, k, N = 2, 18, 2, 700
     f, v = torch.randn(B, d, N), torch.rand(B, k, N)
     decay, grad_decay = torch.randn(d, d), torch.empty(d, d)
-    need = ext.feedback_step_num_partials(B, d, N) * d * d
+    need = ext.feedback_step_num_partials(_sizes(ext, B, d, N)) * d * d
     partials = torch.empty(need)
-    grads = [torch.empty(B, d, N) for _ in range(2)]
-    args = (0, v.data_ptr(), f.data_ptr(), v.data_ptr(), decay.data_ptr(), grads[0].data_ptr(), grads[1].data_ptr(),
-            grad_decay.data_ptr(), partials.data_ptr())
+    grad_h, grad_f = torch.empty_like(f), torch.empty_like(f)  # alive for the whole test: structs hold addresses
+
+    def params(**changed):
+        fields = dict(stream=STREAM, f=f, v=v, decay=decay, grad_v=v, grad_h=grad_h, grad_f=grad_f,
+                      grad_decay=grad_decay, partials=partials, partials_elements=need)
+        return _params.feedback_step_params(ext, f, k, **{**fields, **changed})
+
     with pytest.raises(ValueError, match=f"partials workspace must hold .* = {need} elements, got {need - 1}"):
-        ext.feedback_step_backward(*args, need - 1, B, d, N, k, 0, STREAM)
+        ext.feedback_step_backward(params(partials_elements=need - 1))
     with pytest.raises(ValueError, match="null pointer"):
-        ext.feedback_step_backward(*args[:-1], 0, need, B, d, N, k, 0, STREAM)
-    ext.feedback_step_backward(*args, need, B, d, N, k, 0, STREAM)
+        ext.feedback_step_backward(params(partials=None))
+    with pytest.raises(ValueError, match="grad_f is a null pointer"):
+        ext.feedback_step_backward(params(grad_f=None))
+    ext.feedback_step_backward(params())
 
 
 def test_the_emulated_device_has_a_kernel_image(ext):
@@ -194,10 +205,12 @@ def test_the_emulated_device_has_a_kernel_image(ext):
 
 def test_backward_uses_a_persistent_grid_of_partials(ext):
     """The emulated device holds 8 blocks: more tiles than that are looped over, fewer give one partial each."""
-    assert ext.feedback_step_num_partials(16, 18, 512 * 512) == 8
-    assert ext.feedback_step_num_partials(1, 18, 100) == 1
-    assert ext.feedback_step_num_partials(0, 18, 100) == 1
-    assert ext.feedback_step_num_partials(1, 4096, 10**6) == 1  # capped by the 64 MiB workspace budget
+    assert ext.feedback_step_num_partials(_sizes(ext, 16, 18, 512 * 512)) == 8
+    assert ext.feedback_step_num_partials(_sizes(ext, 1, 18, 100)) == 1
+    assert ext.feedback_step_num_partials(_sizes(ext, 0, 18, 100)) == 1
+    big = ext.FeedbackStepParams()  # sizes only: no 4 * 10**9-element tensor needed to ask
+    big.B, big.d, big.N = 1, 4096, 10**6
+    assert ext.feedback_step_num_partials(big) == 1  # capped by the 64 MiB workspace budget
 
 
 def test_feedback_step_special_values_stay_local(ext):
@@ -260,10 +273,25 @@ def test_bad_arguments_raise(ext):
     with pytest.raises(ValueError, match="k must be in 1..d=4, got 5"):
         _cuda.launch_feedback_step_forward(ext, STREAM, x, x, torch.randn(4, 4), 5)
     with pytest.raises(ValueError, match="dtype code"):
-        ext.feedback_step_forward(x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(),
-                                  1, 4, 8, 2, 7, STREAM)
+        ext.feedback_step_forward(_params.feedback_step_params(
+            ext, x, 2, dtype=7, stream=STREAM, h=x, f=x, decay=x, h_next=x, v=x))
+
     with pytest.raises(ValueError, match="alpha must be in"):
         _cuda.launch_context_gate_forward(ext, STREAM, x, torch.randn(1, 4), 1.5)
+
+
+def test_cpu_and_cuda_modules_load_together(ext):
+    """The CPU modules and the CUDA module each register the same C++ structs (module-locally): all load in one
+    process, each with its own Python classes, and each runs the structs it made."""
+    cpu = pytest.importorskip("fbkernels._C")
+    assert cpu.FeedbackStepParams is not ext.FeedbackStepParams
+    assert cpu.ContextGateParams is not ext.ContextGateParams
+    x, a = torch.randn(1, 4, 8), torch.randn(1, 4)
+    expected = _reference.context_gate_forward(x, a, 0.5)
+    for module in (cpu, ext):
+        out = torch.empty_like(x)
+        module.context_gate_forward(_params.context_gate_params(module, x, 0.5, h=x, gate_logits=a, out=out))
+        torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.skipif(SANITIZED, reason="this is the sanitized run")

@@ -11,6 +11,7 @@
 // spans several warps) in a fixed order, so grad_a is deterministic and needs no workspace or atomics.
 // The formulas mirror fbkernels/_reference.py term by term, so NaN/Inf behave as there.
 #include <algorithm>
+#include <utility>
 
 #include "cuda/utils.cuh"
 
@@ -40,6 +41,25 @@ RowLayout row_layout(int64_t rows, int64_t packs_per_row) {
   layout.row_blocks = ceil_div(rows, layout.block_threads / tpr);
   return layout;
 }
+
+// One call's arguments as the kernels take them: typed pointers (null for a gradient nobody needs), sizes, the row
+// layout of the launch and alpha in the accumulation type. Built by gate_args from the ContextGateParams. The
+// kernels take them as separate `__restrict__` parameters, not as one struct: only so does nvcc keep the inputs'
+// loads on the read-only path (ld.global.nc) in the backward.
+template <typename scalar_t>
+struct ContextGateArgs {
+  const scalar_t* h;
+  const scalar_t* gate_logits;
+  scalar_t* out;
+  const scalar_t* grad_out;
+  scalar_t* grad_h;
+  scalar_t* grad_gate_logits;
+  int64_t rows;  // B * C
+  int64_t N;
+  int threads_per_row;  // RowLayout of the launch
+  int64_t row_blocks;
+  acc_t_of<scalar_t> alpha, one_minus_alpha;
+};
 
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kMaxThreadsPerRow)
@@ -151,55 +171,71 @@ void with_pack_width(int64_t N, std::initializer_list<const void*> pointers, Lau
   }
 }
 
+template <typename scalar_t>
+ContextGateArgs<scalar_t> gate_args(const ContextGateParams& p) {
+  using acc_t = acc_t_of<scalar_t>;
+  ContextGateArgs<scalar_t> a{};
+  a.h = device_ptr<const scalar_t>(p.h);
+  a.gate_logits = device_ptr<const scalar_t>(p.gate_logits);
+  a.out = device_ptr<scalar_t>(p.out);
+  a.grad_out = device_ptr<const scalar_t>(p.grad_out);
+  a.grad_h = p.need_grad_h ? device_ptr<scalar_t>(p.grad_h) : nullptr;
+  a.grad_gate_logits = p.need_grad_gate_logits ? device_ptr<scalar_t>(p.grad_gate_logits) : nullptr;
+  a.rows = p.B * p.C;
+  a.N = p.N;
+  a.alpha = static_cast<acc_t>(p.alpha);
+  a.one_minus_alpha = static_cast<acc_t>(1.0 - p.alpha);
+  return a;
+}
+
+// Sets a's row layout for VEC-wide packs and returns the launch's grid size and block size.
+template <int VEC, typename scalar_t>
+std::pair<unsigned, int> row_grid(ContextGateArgs<scalar_t>& a) {
+  const RowLayout layout = row_layout(a.rows, a.N / VEC);
+  a.threads_per_row = layout.threads_per_row;
+  a.row_blocks = layout.row_blocks;
+  return {static_cast<unsigned>(std::min(layout.row_blocks, kMaxGridBlocks)), layout.block_threads};
+}
+
 }  // namespace
 
-void context_gate_forward(const void* h, const void* gate_logits, void* out, int64_t B, int64_t C, int64_t N,
-                          double alpha, int dtype, cudaStream_t stream) {
+void context_gate_forward(const ContextGateParams& p) {
   const char* op = "context_gate_forward";
-  check_gate_args(op, B, C, N, alpha);
-  const int64_t rows = B * C;
-  if (rows == 0 || N == 0) return;
-  require(h && gate_logits && out, op, "null data pointer");
-  dispatch_dtype(dtype, op, [&](auto tag) {
+  check_gate_args(op, p.B, p.C, p.N, p.alpha);
+  if (p.B * p.C == 0 || p.N == 0) return;
+  require(p.h && p.gate_logits && p.out, op, "null data pointer");
+  dispatch_dtype(p.dtype, op, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    using acc_t = acc_t_of<scalar_t>;
-    with_pack_width<scalar_t>(N, {h, out}, [&](auto vec) {
+    ContextGateArgs<scalar_t> a = gate_args<scalar_t>(p);
+    with_pack_width<scalar_t>(p.N, {a.h, a.out}, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      const RowLayout layout = row_layout(rows, N / VEC);
-      const auto grid = static_cast<unsigned>(std::min(layout.row_blocks, kMaxGridBlocks));
-      context_gate_forward_kernel<scalar_t, VEC><<<grid, layout.block_threads, 0, stream>>>(
-          static_cast<const scalar_t*>(h), static_cast<const scalar_t*>(gate_logits), static_cast<scalar_t*>(out),
-          rows, N, layout.threads_per_row, layout.row_blocks, static_cast<acc_t>(alpha),
-          static_cast<acc_t>(1.0 - alpha));
+      const auto [grid, block] = row_grid<VEC>(a);
+      context_gate_forward_kernel<scalar_t, VEC><<<grid, block, 0, as_stream(p.stream)>>>(
+          a.h, a.gate_logits, a.out, a.rows, a.N, a.threads_per_row, a.row_blocks, a.alpha, a.one_minus_alpha);
       check_launch("context_gate_forward_kernel");
     });
   });
 }
 
-void context_gate_backward(const void* grad_out, const void* h, const void* gate_logits, void* grad_h,
-                           void* grad_gate_logits, int64_t B, int64_t C, int64_t N, double alpha, int dtype,
-                           cudaStream_t stream) {
+void context_gate_backward(const ContextGateParams& p) {
   const char* op = "context_gate_backward";
-  check_gate_args(op, B, C, N, alpha);
-  const int64_t rows = B * C;
-  if (rows == 0) return;
-  // A null grad_h or grad_gate_logits is a gradient nobody needs: skipped.
-  if (grad_h == nullptr && grad_gate_logits == nullptr) return;
+  check_gate_args(op, p.B, p.C, p.N, p.alpha);
+  if (p.B * p.C == 0) return;
+  if (!p.need_grad_h && !p.need_grad_gate_logits) return;
+  if (p.need_grad_h) check_pointer(p.grad_h, p.B * p.C * p.N, op, "grad_h");
+  if (p.need_grad_gate_logits) check_pointer(p.grad_gate_logits, p.B * p.C, op, "grad_gate_logits");
   // With N == 0 the kernel still runs: grad_gate_logits is (1 - alpha) * s * (1 - s) * 0, as in the reference.
-  require(gate_logits != nullptr, op, "null gate_logits pointer");
-  if (N > 0) require(grad_out && h, op, "null grad_out or h pointer");
-  dispatch_dtype(dtype, op, [&](auto tag) {
+  require(p.gate_logits != 0, op, "null gate_logits pointer");
+  if (p.N > 0) require(p.grad_out && p.h, op, "null grad_out or h pointer");
+  dispatch_dtype(p.dtype, op, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    using acc_t = acc_t_of<scalar_t>;
-    with_pack_width<scalar_t>(N, {grad_out, h, grad_h != nullptr ? grad_h : h}, [&](auto vec) {
+    ContextGateArgs<scalar_t> a = gate_args<scalar_t>(p);
+    with_pack_width<scalar_t>(p.N, {a.grad_out, a.h, a.grad_h != nullptr ? a.grad_h : a.h}, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      const RowLayout layout = row_layout(rows, N / VEC);
-      const auto grid = static_cast<unsigned>(std::min(layout.row_blocks, kMaxGridBlocks));
-      context_gate_backward_kernel<scalar_t, VEC><<<grid, layout.block_threads, 0, stream>>>(
-          static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(h),
-          static_cast<const scalar_t*>(gate_logits), static_cast<scalar_t*>(grad_h),
-          static_cast<scalar_t*>(grad_gate_logits), rows, N, layout.threads_per_row, layout.row_blocks,
-          static_cast<acc_t>(alpha), static_cast<acc_t>(1.0 - alpha));
+      const auto [grid, block] = row_grid<VEC>(a);
+      context_gate_backward_kernel<scalar_t, VEC><<<grid, block, 0, as_stream(p.stream)>>>(
+          a.grad_out, a.h, a.gate_logits, a.grad_h, a.grad_gate_logits, a.rows, a.N, a.threads_per_row,
+          a.row_blocks, a.alpha, a.one_minus_alpha);
       check_launch("context_gate_backward_kernel");
     });
   });

@@ -2,7 +2,7 @@
 // bfloat16 tensors in the canonical layout [B, d, N] (N contiguous), accumulating in fp32 (fp64 for double).
 //
 //   forward:  h_next[b,:,n] = h[b,:,n] + M @ f[b,:,n];   v[b,:,n] = softmax(h_next[b, d-k:, n])
-//   backward: g = grad_h; g[:, d-k:] += v * (grad_v - sum_c v * grad_v); grad_h_in = g;
+//   backward: g = grad_h_next; g[:, d-k:] += v * (grad_v - sum_c v * grad_v); grad_h = g;
 //             grad_f[b,:,n] = M^T @ g[b,:,n];   grad_M = sum_{b,n} g[b,:,n] (outer) f[b,:,n]
 //
 // Both passes are memory-bound: each reads its inputs and writes its outputs exactly once. Threads own positions n
@@ -16,6 +16,10 @@
 // grad_M is a reduction over all B*N positions. Each block of the backward's main kernel accumulates its positions
 // into one [d, d] partial (register micro-tiles over a shared-memory tile of g and f), the partials go to a
 // workspace, and a second kernel sums them in a fixed order: the result is deterministic, with no float atomics.
+//
+// The launchers take a FeedbackStepParams and turn it once into a typed FeedbackStepArgs for the launch helpers.
+// The __global__ kernels take separate `__restrict__` pointer parameters: for pointers passed inside a struct nvcc
+// cannot prove the inputs read-only, and about half of the ld.global.nc (read-only cache) loads become plain loads.
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -83,6 +87,26 @@ bool dispatch_channel_bucket(int64_t d, Fn&& fn) {
   }
   return true;
 }
+
+// One call's arguments as the kernels take them: typed pointers (null for an absent input or a gradient nobody
+// needs), sizes and the launch's tiling of the B * N positions. Built by feedback_args from the FeedbackStepParams.
+template <typename scalar_t>
+struct FeedbackStepArgs {
+  const scalar_t* h;
+  const scalar_t* f;
+  const scalar_t* decay;
+  scalar_t* h_next;
+  scalar_t* v;  // forward output, backward input
+  const scalar_t* grad_h_next;
+  const scalar_t* grad_v;
+  scalar_t* grad_h;
+  scalar_t* grad_f;
+  scalar_t* grad_decay;
+  acc_t_of<scalar_t>* partials;  // [num_partials, d, d]; null when grad_decay is not needed
+  int64_t num_partials;
+  int64_t B, d, N, k;
+  int64_t tiles_per_batch, num_tiles;  // tiles of one launch: they never cross a batch
+};
 
 // ------------------------------------------------------------------ device helpers
 
@@ -181,8 +205,8 @@ template <typename scalar_t, int DMAX, int VEC>
 __global__ void __launch_bounds__(kForwardThreads)
     feedback_forward_small_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ f,
                                   const scalar_t* __restrict__ decay, scalar_t* __restrict__ h_next,
-                                  scalar_t* __restrict__ v, int64_t d, int64_t N, int64_t k,
-                                  int64_t tiles_per_batch, int64_t num_tiles) {
+                                  scalar_t* __restrict__ v, int64_t d, int64_t N, int64_t k, int64_t tiles_per_batch,
+                                  int64_t num_tiles) {
   using acc_t = acc_t_of<scalar_t>;
   __shared__ __align__(16) acc_t m_s[DMAX * DMAX];  // M, zero-padded to DMAX x DMAX
   const int dd = static_cast<int>(d);
@@ -248,8 +272,8 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kGenericForwardThreads)
     feedback_forward_generic_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ f,
                                     const scalar_t* __restrict__ decay, scalar_t* __restrict__ h_next,
-                                    scalar_t* __restrict__ v, int64_t d, int64_t N, int64_t k,
-                                    int64_t tiles_per_batch, int64_t num_tiles) {
+                                    scalar_t* __restrict__ v, int64_t d, int64_t N, int64_t k, int64_t tiles_per_batch,
+                                    int64_t num_tiles) {
   using acc_t = acc_t_of<scalar_t>;
   __shared__ __align__(16) acc_t m_tile[kChunk * kChunk];
   const int dd = static_cast<int>(d);
@@ -298,18 +322,18 @@ __global__ void __launch_bounds__(kGenericForwardThreads)
 // ------------------------------------------------------------------ backward kernels
 
 // Small d (<= 32). Per tile of T positions (thread = position):
-//   phase 1: g (grad_h + softmax backward) and f in registers; write grad_h_in = g and grad_f = M^T g; store g and
-//            f position-major into shared tiles g_s / f_s (rows padded to DMAX with zeros).
+//   phase 1: g (grad_h_next + softmax backward) and f in registers; write grad_h = g and grad_f = M^T g; store g
+//            and f position-major into shared tiles g_s / f_s (rows padded to DMAX with zeros).
 //   phase 2: grad_M micro-tiles: the ceil(d/4)^2 tiles of 4 x 4 entries are spread over the threads, `slices`
 //            threads per micro-tile splitting the T positions; each keeps its 16 sums in registers across tiles.
 // Epilogue: sum the slices in fixed order into this block's [d, d] partial.
 template <typename scalar_t, int DMAX>
 __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
-    feedback_backward_small_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ grad_v,
+    feedback_backward_small_kernel(const scalar_t* __restrict__ grad_h_next, const scalar_t* __restrict__ grad_v,
                                    const scalar_t* __restrict__ f, const scalar_t* __restrict__ v,
-                                   const scalar_t* __restrict__ decay, scalar_t* __restrict__ grad_h_in,
-                                   scalar_t* __restrict__ grad_f, acc_t_of<scalar_t>* __restrict__ partials,
-                                   int64_t d, int64_t N, int64_t k, int64_t tiles_per_batch, int64_t num_tiles) {
+                                   const scalar_t* __restrict__ decay, scalar_t* __restrict__ grad_h,
+                                   scalar_t* __restrict__ grad_f, acc_t_of<scalar_t>* __restrict__ partials, int64_t d,
+                                   int64_t N, int64_t k, int64_t tiles_per_batch, int64_t num_tiles) {
   using acc_t = acc_t_of<scalar_t>;
   constexpr int T = BackwardThreads<acc_t>::value;
   static_assert(DMAX % 4 == 0 && (DMAX / 4) * (DMAX / 4) <= T, "every 4x4 micro-tile needs a thread");
@@ -357,7 +381,9 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
 #pragma unroll
       for (int i = 0; i < DMAX; ++i) f_reg[i] = (want_decay && i < dd) ? to_acc(f[base + i * N]) : acc_t(0);
 #pragma unroll
-      for (int i = 0; i < DMAX; ++i) g[i] = (grad_h != nullptr && i < dd) ? to_acc(grad_h[base + i * N]) : acc_t(0);
+      for (int i = 0; i < DMAX; ++i) {
+        g[i] = (grad_h_next != nullptr && i < dd) ? to_acc(grad_h_next[base + i * N]) : acc_t(0);
+      }
       if (grad_v != nullptr) {
         // Softmax backward on the last k rows. k is a runtime value, so the rows are patched in this thread's own
         // row of g_s (shared memory takes runtime indices; registers do not) and g is read back from there.
@@ -379,10 +405,10 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
           for (int q = 0; q < 4; ++q) g[i + q] = gq[q];
         }
       }
-      if (grad_h_in != nullptr) {
+      if (grad_h != nullptr) {
 #pragma unroll
         for (int i = 0; i < DMAX; ++i) {
-          if (i < dd) grad_h_in[base + i * N] = from_acc<scalar_t>(g[i]);
+          if (i < dd) grad_h[base + i * N] = from_acc<scalar_t>(g[i]);
         }
       }
       if (grad_f != nullptr) {
@@ -443,9 +469,9 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
 // partial in global memory (only this thread ever touches those entries: no races, fixed order).
 template <typename scalar_t>
 __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
-    feedback_backward_generic_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ grad_v,
+    feedback_backward_generic_kernel(const scalar_t* __restrict__ grad_h_next, const scalar_t* __restrict__ grad_v,
                                      const scalar_t* __restrict__ f, const scalar_t* __restrict__ v,
-                                     const scalar_t* __restrict__ decay, scalar_t* __restrict__ grad_h_in,
+                                     const scalar_t* __restrict__ decay, scalar_t* __restrict__ grad_h,
                                      scalar_t* __restrict__ grad_f, acc_t_of<scalar_t>* __restrict__ partials,
                                      int64_t d, int64_t N, int64_t k, int64_t tiles_per_batch, int64_t num_tiles) {
   using acc_t = acc_t_of<scalar_t>;
@@ -488,7 +514,7 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
     const int64_t v_base = b * k * N + n;
     const acc_t dot = (active && grad_v != nullptr) ? softmax_dot(v, grad_v, v_base, N, kk) : acc_t(0);
     auto g_at = [&](int i) -> acc_t {
-      acc_t g = grad_h != nullptr ? to_acc(grad_h[base + i * N]) : acc_t(0);
+      acc_t g = grad_h_next != nullptr ? to_acc(grad_h_next[base + i * N]) : acc_t(0);
       if (grad_v != nullptr && i >= soft_begin) {
         const int64_t off = v_base + (i - soft_begin) * N;
         g += to_acc(v[off]) * (to_acc(grad_v[off]) - dot);
@@ -496,8 +522,8 @@ __global__ void __launch_bounds__(BackwardThreads<acc_t_of<scalar_t>>::value)
       return g;
     };
 
-    if (active && grad_h_in != nullptr) {
-      for (int i = 0; i < dd; ++i) grad_h_in[base + i * N] = from_acc<scalar_t>(g_at(i));
+    if (active && grad_h != nullptr) {
+      for (int i = 0; i < dd; ++i) grad_h[base + i * N] = from_acc<scalar_t>(g_at(i));
     }
     for (int i0 = 0; grad_f != nullptr && i0 < dd; i0 += kChunk) {
       acc_t acc[kChunk];
@@ -611,126 +637,139 @@ void check_feedback_sizes(const char* op, int64_t B, int64_t d, int64_t N, int64
   require(k >= 1 && k <= d, op, "k must be in 1..d=" + std::to_string(d) + ", got " + std::to_string(k));
 }
 
-template <typename scalar_t, int DMAX, int VEC>
-void launch_forward_small(const scalar_t* h, const scalar_t* f, const scalar_t* decay, scalar_t* h_next,
-                          scalar_t* v, int64_t B, int64_t d, int64_t N, int64_t k, cudaStream_t stream) {
-  const int64_t tiles_per_batch = ceil_div(N, int64_t(kForwardThreads) * VEC);
-  const int64_t num_tiles = B * tiles_per_batch;
-  const auto grid = static_cast<unsigned>(std::min(num_tiles, kMaxGridBlocks));
-  feedback_forward_small_kernel<scalar_t, DMAX, VEC>
-      <<<grid, kForwardThreads, 0, stream>>>(h, f, decay, h_next, v, d, N, k, tiles_per_batch, num_tiles);
-  check_launch("feedback_forward_small_kernel");
+// The kernels' arguments for one call of `p`: outputs nobody needs are null, and so are the partials then.
+template <typename scalar_t>
+FeedbackStepArgs<scalar_t> feedback_args(const FeedbackStepParams& p) {
+  FeedbackStepArgs<scalar_t> a{};
+  a.h = device_ptr<const scalar_t>(p.h);
+  a.f = device_ptr<const scalar_t>(p.f);
+  a.decay = device_ptr<const scalar_t>(p.decay);
+  a.h_next = device_ptr<scalar_t>(p.h_next);
+  a.v = device_ptr<scalar_t>(p.v);
+  a.grad_h_next = device_ptr<const scalar_t>(p.grad_h_next);
+  a.grad_v = device_ptr<const scalar_t>(p.grad_v);
+  a.grad_h = p.need_grad_h ? device_ptr<scalar_t>(p.grad_h) : nullptr;
+  a.grad_f = p.need_grad_f ? device_ptr<scalar_t>(p.grad_f) : nullptr;
+  a.grad_decay = p.need_grad_decay ? device_ptr<scalar_t>(p.grad_decay) : nullptr;
+  a.partials = p.need_grad_decay ? device_ptr<acc_t_of<scalar_t>>(p.partials) : nullptr;
+  a.B = p.B;
+  a.d = p.d;
+  a.N = p.N;
+  a.k = p.k;
+  return a;
+}
+
+// Sets a's tiling for tiles of `tile_positions` positions and returns the grid that strides over them.
+template <typename scalar_t>
+unsigned tile_grid(FeedbackStepArgs<scalar_t>& a, int64_t tile_positions) {
+  a.tiles_per_batch = ceil_div(a.N, tile_positions);
+  a.num_tiles = a.B * a.tiles_per_batch;
+  return static_cast<unsigned>(std::min(a.num_tiles, kMaxGridBlocks));
 }
 
 template <typename scalar_t>
-void launch_forward(const scalar_t* h, const scalar_t* f, const scalar_t* decay, scalar_t* h_next, scalar_t* v,
-                    int64_t B, int64_t d, int64_t N, int64_t k, cudaStream_t stream) {
-  const bool small = dispatch_channel_bucket<kForwardSmallMaxD>(d, [&](auto dmax) {
+void launch_forward(FeedbackStepArgs<scalar_t> a, cudaStream_t stream) {
+  const bool small = dispatch_channel_bucket<kForwardSmallMaxD>(a.d, [&](auto dmax) {
     constexpr int DMAX = decltype(dmax)::value;
     constexpr int VEC = ForwardVec<scalar_t, DMAX>::value;
     constexpr std::size_t kBytes = sizeof(scalar_t) * VEC;
     // 16-byte (VEC-wide) accesses need every row start aligned: N a multiple of VEC and aligned base pointers.
-    const bool vectorised = VEC > 1 && N % VEC == 0 && is_aligned(h, kBytes) && is_aligned(f, kBytes) &&
-                            is_aligned(h_next, kBytes) && is_aligned(v, kBytes);
+    const bool vectorised = VEC > 1 && a.N % VEC == 0 && is_aligned(a.h, kBytes) && is_aligned(a.f, kBytes) &&
+                            is_aligned(a.h_next, kBytes) && is_aligned(a.v, kBytes);
     if (vectorised) {
-      launch_forward_small<scalar_t, DMAX, VEC>(h, f, decay, h_next, v, B, d, N, k, stream);
+      const unsigned grid = tile_grid(a, int64_t(kForwardThreads) * VEC);
+      feedback_forward_small_kernel<scalar_t, DMAX, VEC><<<grid, kForwardThreads, 0, stream>>>(
+          a.h, a.f, a.decay, a.h_next, a.v, a.d, a.N, a.k, a.tiles_per_batch, a.num_tiles);
     } else {
-      launch_forward_small<scalar_t, DMAX, 1>(h, f, decay, h_next, v, B, d, N, k, stream);
+      const unsigned grid = tile_grid(a, kForwardThreads);
+      feedback_forward_small_kernel<scalar_t, DMAX, 1><<<grid, kForwardThreads, 0, stream>>>(
+          a.h, a.f, a.decay, a.h_next, a.v, a.d, a.N, a.k, a.tiles_per_batch, a.num_tiles);
     }
+    check_launch("feedback_forward_small_kernel");
   });
   if (!small) {
-    const int64_t tiles_per_batch = ceil_div(N, kGenericForwardThreads);
-    const int64_t num_tiles = B * tiles_per_batch;
-    const auto grid = static_cast<unsigned>(std::min(num_tiles, kMaxGridBlocks));
-    feedback_forward_generic_kernel<scalar_t>
-        <<<grid, kGenericForwardThreads, 0, stream>>>(h, f, decay, h_next, v, d, N, k, tiles_per_batch, num_tiles);
+    const unsigned grid = tile_grid(a, kGenericForwardThreads);
+    feedback_forward_generic_kernel<scalar_t><<<grid, kGenericForwardThreads, 0, stream>>>(
+        a.h, a.f, a.decay, a.h_next, a.v, a.d, a.N, a.k, a.tiles_per_batch, a.num_tiles);
     check_launch("feedback_forward_generic_kernel");
   }
 }
 
 template <typename scalar_t>
-void launch_backward(const scalar_t* grad_h, const scalar_t* grad_v, const scalar_t* f, const scalar_t* v,
-                     const scalar_t* decay, scalar_t* grad_h_in, scalar_t* grad_f, scalar_t* grad_decay,
-                     acc_t_of<scalar_t>* partials, int64_t num_partials, int64_t B, int64_t d, int64_t N, int64_t k,
-                     cudaStream_t stream) {
+void launch_backward(FeedbackStepArgs<scalar_t> a, cudaStream_t stream) {
   constexpr int T = BackwardThreads<acc_t_of<scalar_t>>::value;
-  const int64_t tiles_per_batch = ceil_div(N, T);
-  const int64_t num_tiles = B * tiles_per_batch;
+  a.tiles_per_batch = ceil_div(a.N, T);
+  a.num_tiles = a.B * a.tiles_per_batch;
   // One block per partial (even with no positions: its partial is then zero, and so is grad_decay).
-  const auto grid = static_cast<unsigned>(num_partials);
-  const bool small = dispatch_channel_bucket<kBackwardSmallMaxD>(d, [&](auto dmax) {
+  const auto grid = static_cast<unsigned>(a.num_partials);
+  const bool small = dispatch_channel_bucket<kBackwardSmallMaxD>(a.d, [&](auto dmax) {
     feedback_backward_small_kernel<scalar_t, decltype(dmax)::value><<<grid, T, 0, stream>>>(
-        grad_h, grad_v, f, v, decay, grad_h_in, grad_f, partials, d, N, k, tiles_per_batch, num_tiles);
+        a.grad_h_next, a.grad_v, a.f, a.v, a.decay, a.grad_h, a.grad_f, a.partials, a.d, a.N, a.k, a.tiles_per_batch,
+        a.num_tiles);
     check_launch("feedback_backward_small_kernel");
   });
   if (!small) {
     feedback_backward_generic_kernel<scalar_t><<<grid, T, 0, stream>>>(
-        grad_h, grad_v, f, v, decay, grad_h_in, grad_f, partials, d, N, k, tiles_per_batch, num_tiles);
+        a.grad_h_next, a.grad_v, a.f, a.v, a.decay, a.grad_h, a.grad_f, a.partials, a.d, a.N, a.k, a.tiles_per_batch,
+        a.num_tiles);
     check_launch("feedback_backward_generic_kernel");
   }
-  if (grad_decay == nullptr) return;
-  const int64_t elems = d * d;
-  const auto reduce_grid = static_cast<unsigned>(ceil_div(elems, kReduceX));
-  reduce_partials_kernel<scalar_t>
-      <<<reduce_grid, dim3(kReduceX, kReduceY), 0, stream>>>(partials, grad_decay, num_partials, elems);
+  if (a.grad_decay == nullptr) return;
+  const auto reduce_grid = static_cast<unsigned>(ceil_div(a.d * a.d, kReduceX));
+  reduce_partials_kernel<scalar_t><<<reduce_grid, dim3(kReduceX, kReduceY), 0, stream>>>(
+      a.partials, a.grad_decay, a.num_partials, a.d * a.d);
   check_launch("reduce_partials_kernel");
 }
 
 }  // namespace
 
-int64_t feedback_step_num_partials(int64_t B, int64_t d, int64_t N) {
-  require(B >= 0 && N >= 0, "feedback_step_num_partials",
-          "B and N must be >= 0, got B=" + std::to_string(B) + ", N=" + std::to_string(N));
-  require(d >= 1 && d <= 46340, "feedback_step_num_partials", "d must be in 1..46340, got " + std::to_string(d));
+int64_t feedback_step_num_partials(const FeedbackStepParams& p) {
+  const char* op = "feedback_step_num_partials";
+  require(p.B >= 0 && p.N >= 0, op,
+          "B and N must be >= 0, got B=" + std::to_string(p.B) + ", N=" + std::to_string(p.N));
+  require(p.d >= 1 && p.d <= 46340, op, "d must be in 1..46340, got " + std::to_string(p.d));
   // Tiles of the 4-byte-accumulator kernels; double uses half-size tiles, so it has at least as many tiles as
   // blocks too and no block is left without work.
-  const int64_t tiles = B * ceil_div(N, kPartialTilePositions);
-  const int64_t budget = std::max<int64_t>(1, kMaxPartialElements / (d * d));
-  const int64_t blocks = std::min({tiles, resident_backward_blocks(d), budget});
+  const int64_t tiles = p.B * ceil_div(p.N, kPartialTilePositions);
+  const int64_t budget = std::max<int64_t>(1, kMaxPartialElements / (p.d * p.d));
+  const int64_t blocks = std::min({tiles, resident_backward_blocks(p.d), budget});
   return std::max<int64_t>(1, blocks);
 }
 
-void feedback_step_forward(const void* h, const void* f, const void* decay, void* h_next, void* v, int64_t B,
-                           int64_t d, int64_t N, int64_t k, int dtype, cudaStream_t stream) {
+void feedback_step_forward(const FeedbackStepParams& p) {
   const char* op = "feedback_step_forward";
-  check_feedback_sizes(op, B, d, N, k);
-  if (B == 0 || N == 0) return;
-  require(h && f && decay && h_next && v, op, "null data pointer");
-  dispatch_dtype(dtype, op, [&](auto tag) {
+  check_feedback_sizes(op, p.B, p.d, p.N, p.k);
+  if (p.B == 0 || p.N == 0) return;
+  require(p.h && p.f && p.decay && p.h_next && p.v, op, "null data pointer");
+  dispatch_dtype(p.dtype, op, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    launch_forward<scalar_t>(static_cast<const scalar_t*>(h), static_cast<const scalar_t*>(f),
-                             static_cast<const scalar_t*>(decay), static_cast<scalar_t*>(h_next),
-                             static_cast<scalar_t*>(v), B, d, N, k, stream);
+    launch_forward(feedback_args<scalar_t>(p), as_stream(p.stream));
   });
 }
 
-void feedback_step_backward(const void* grad_h, const void* grad_v, const void* f, const void* v, const void* decay,
-                            void* grad_h_in, void* grad_f, void* grad_decay, void* partials,
-                            int64_t partials_elements, int64_t B, int64_t d, int64_t N, int64_t k, int dtype,
-                            cudaStream_t stream) {
+void feedback_step_backward(const FeedbackStepParams& p) {
   const char* op = "feedback_step_backward";
-  check_feedback_sizes(op, B, d, N, k);
-  require(decay != nullptr, op, "null decay pointer");
-  if (B > 0 && N > 0) require(f && v, op, "null f or v pointer");
+  check_feedback_sizes(op, p.B, p.d, p.N, p.k);
+  require(p.decay != 0, op, "null decay pointer");
+  if (p.B > 0 && p.N > 0) require(p.f && p.v, op, "null f or v pointer");
+  const int64_t state = p.B * p.d * p.N;
+  if (p.need_grad_h) check_pointer(p.grad_h, state, op, "grad_h");
+  if (p.need_grad_f) check_pointer(p.grad_f, state, op, "grad_f");
+  if (p.need_grad_decay) check_pointer(p.grad_decay, p.d * p.d, op, "grad_decay");
   // The grid is one block per partial whether or not grad_decay is wanted.
-  const int64_t num_partials = feedback_step_num_partials(B, d, N);
-  if (grad_decay != nullptr) {
-    require(partials != nullptr && partials_elements >= num_partials * d * d, op,
+  const int64_t num_partials = feedback_step_num_partials(p);
+  if (p.need_grad_decay) {
+    require(p.partials != 0 && p.partials_elements >= num_partials * p.d * p.d, op,
             "the partials workspace must hold feedback_step_num_partials(B, d, N) * d * d = " +
-                std::to_string(num_partials * d * d) + " elements, got " + std::to_string(partials_elements) +
-                (partials == nullptr ? " (null pointer)" : ""));
-  } else {
-    partials = nullptr;  // no grad_decay: no partial sums either
+                std::to_string(num_partials * p.d * p.d) + " elements, got " + std::to_string(p.partials_elements) +
+                (p.partials == 0 ? " (null pointer)" : ""));
   }
-  if (grad_h_in == nullptr && grad_f == nullptr && grad_decay == nullptr) return;
-  dispatch_dtype(dtype, op, [&](auto tag) {
+  if (!p.need_grad_h && !p.need_grad_f && !p.need_grad_decay) return;
+  dispatch_dtype(p.dtype, op, [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    using acc_t = acc_t_of<scalar_t>;
-    launch_backward<scalar_t>(static_cast<const scalar_t*>(grad_h), static_cast<const scalar_t*>(grad_v),
-                              static_cast<const scalar_t*>(f), static_cast<const scalar_t*>(v),
-                              static_cast<const scalar_t*>(decay), static_cast<scalar_t*>(grad_h_in),
-                              static_cast<scalar_t*>(grad_f), static_cast<scalar_t*>(grad_decay),
-                              static_cast<acc_t*>(partials), num_partials, B, d, N, k, stream);
+    FeedbackStepArgs<scalar_t> a = feedback_args<scalar_t>(p);
+    a.num_partials = num_partials;
+    launch_backward(a, as_stream(p.stream));
   });
 }
 

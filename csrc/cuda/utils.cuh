@@ -1,5 +1,6 @@
 // Device and host helpers shared by the fbkernels CUDA kernels: accumulation types, dtype conversion, vector
-// (packed) memory access, dtype dispatch and launch-error checks. CUDA runtime only: no torch, no Python.
+// (packed) memory access, dtype dispatch, the conversion of the parameter structs' integer handles, and
+// launch-error checks. CUDA runtime only: no torch, no Python.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -116,7 +117,7 @@ struct IntTag {
 
 // Calls fn(TypeTag<scalar_t>{}) for the dtype code; throws std::invalid_argument for an unknown code.
 template <typename Fn>
-void dispatch_dtype(int dtype, const char* op, Fn&& fn) {
+void dispatch_dtype(int64_t dtype, const char* op, Fn&& fn) {
   switch (dtype) {
     case kFloat32:
       fn(TypeTag<float>{});
@@ -143,6 +144,13 @@ inline void check_launch(const char* kernel) {
     throw std::runtime_error(std::string("fbkernels: CUDA kernel ") + kernel + " failed: " + cudaGetErrorString(err));
   }
 }
+
+// A data pointer or stream of a parameter struct (an integer from Python) as the pointer type the kernels take.
+template <typename T>
+inline T* device_ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+inline cudaStream_t as_stream(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
 inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {

@@ -1,0 +1,49 @@
+"""The parameter structs of the compiled kernels (csrc/common.h), filled the same way for the cpp and cuda backends.
+
+Each compiled module (fbkernels._C, fbkernels._C_avx2, fbkernels._C_cuda) registers its own Python classes
+FeedbackStepParams and ContextGateParams for the same C++ structs; a struct is made by the module that will run it.
+Tensors become their data pointers, None becomes 0 (absent); sizes come from ``like``, the dtype code from its
+dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+# csrc/common.h's DType codes.
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    code = DTYPE_CODES.get(t.dtype)
+    if code is None:
+        raise TypeError(f"the compiled kernels take {[str(d) for d in DTYPE_CODES]}, got {t.dtype}")
+    return code
+
+
+def _fill(params, fields: dict):
+    for name, value in fields.items():
+        if isinstance(value, torch.Tensor):
+            value = value.data_ptr()
+        elif value is None:
+            value = 0
+        setattr(params, name, value)
+    return params
+
+
+def feedback_step_params(module, like: torch.Tensor, num_feedback: int, **fields):
+    """module.FeedbackStepParams for a state ``like`` [B, d, N] with k = num_feedback, then ``fields`` (tensors,
+    None, ints or flags by field name)."""
+    params = module.FeedbackStepParams()
+    params.B, params.d, params.N = like.shape
+    params.k = int(num_feedback)
+    params.dtype = dtype_code(like)
+    return _fill(params, fields)
+
+
+def context_gate_params(module, like: torch.Tensor, alpha: float, **fields):
+    """module.ContextGateParams for a feature map ``like`` [B, C, N] and blend factor alpha, then ``fields``."""
+    params = module.ContextGateParams()
+    params.B, params.C, params.N = like.shape
+    params.alpha = float(alpha)
+    params.dtype = dtype_code(like)
+    return _fill(params, fields)
