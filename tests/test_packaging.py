@@ -54,6 +54,8 @@ def test_hard_dependencies_are_what_the_package_imports():
         for node in ast.walk(tree):  # `try: import x / except ImportError` marks x optional
             if isinstance(node, ast.Try) and any("ImportError" in ast.unparse(h.type or ast.Name("")) for h in node.handlers):
                 optional |= {alias.name.split(".")[0] for n in node.body if isinstance(n, ast.Import) for alias in n.names}
+                optional |= {n.module.split(".")[0] for n in node.body
+                             if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 imported |= {alias.name.split(".")[0] for alias in node.names}
