@@ -719,3 +719,22 @@ def test_run_lock_excludes_a_second_holder(tmp_path):
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with open(path) as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit
+
+
+@pytest.mark.experiments
+def test_runs_trained_in_parallel_jobs_equal_the_sequential_ones(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = _experiment_script()
+    script.main(["noise", *TINY, "--out", str(tmp_path / "sequential")])
+    path = Path(__file__).resolve().parents[1] / "python" / "feedback_unet.py"
+    subprocess.run([sys.executable, str(path), "noise", *TINY, "--jobs", "2", "--out", str(tmp_path / "jobs")],
+                   check=True, capture_output=True)
+    sequential, jobs = (json.loads((tmp_path / name / "noise.json").read_text())["points"]
+                        for name in ("sequential", "jobs"))
+    assert [p["f1_runs"] for p in sequential] == [p["f1_runs"] for p in jobs]
+    with pytest.raises(SystemExit):
+        script.main(["noise", *TINY, "--jobs", "0", "--out", str(tmp_path / "bad")])
