@@ -796,7 +796,7 @@ def experiment_stability(args, preset):
         ax.set(xlabel="step", ylabel="F1 of the polygon class", ylim=(-0.03, 1.03),
                title=f"F1(step {preset.stability_steps}) - F1(T={preset.steps}) = {fmt_stats(diff)}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right")
+        ax.legend(fontsize=6, loc="upper right")
     fig.suptitle(f"A4 stability: the trained feedback model unrolled past its training T\n"
                  f"{describe(args, preset, sigma=f'{sigma:g}', D=preset.train_size, seeds=len(seeds))}", fontsize=9)
     fig.tight_layout()
