@@ -100,12 +100,7 @@ def test_initial_pass_is_the_standard_cnn():
     standard = StandardCNN(3, 7, **SMALL)
     torch.manual_seed(5)
     cbl = _cbl()
-    # Same seed, same backbone weights (the backbone is built first), so the initial pass agrees.
-    for name, value in standard.state_dict().items():
-        torch.testing.assert_close(cbl.state_dict()[name], value)
-    standard.eval(), cbl.eval()
-    x = torch.randn(3, 3, 16, 16)
-    torch.testing.assert_close(cbl(x)[0], standard(x))
+    _assert_backbone_and_first_pass_equal(standard, cbl)
 
 
 @pytest.mark.parametrize("mode", ["repropagate", "state"])
@@ -330,11 +325,7 @@ def test_initial_pass_of_the_authors_cbl_is_their_standard_cnn():
     standard = SmallCNN(3, 7, widths=(4, 6, 8), hidden=12, pooled_size=4, dropout=0.5)
     torch.manual_seed(3)
     cbl = _authors()
-    for name, value in standard.state_dict().items():
-        torch.testing.assert_close(cbl.state_dict()[name], value)
-    standard.eval(), cbl.eval()
-    x = torch.randn(3, 3, 16, 16)
-    torch.testing.assert_close(cbl(x)[0], standard(x))
+    _assert_backbone_and_first_pass_equal(standard, cbl)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
@@ -743,3 +734,12 @@ def test_bfloat16_autocast_runs_and_stays_close_to_float32(mode):
     for got, want in zip(logits, reference):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.float(), want, rtol=0.1, atol=0.1)
+
+
+def _assert_backbone_and_first_pass_equal(standard, cbl):
+    """Same seed, same backbone weights (the backbone is built first), so the initial pass agrees."""
+    for name, value in standard.state_dict().items():
+        torch.testing.assert_close(cbl.state_dict()[name], value)
+    standard.eval(), cbl.eval()
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(cbl(x)[0], standard(x))
