@@ -9,13 +9,17 @@ import torch
 import fbkernels
 from fbkernels import _reference
 
+from _compare import assert_close
+
 pytestmark = pytest.mark.skipif("cpp" not in fbkernels.available_backends("cpu"), reason="fbkernels._C not built")
 
 DTYPES = [torch.float32, torch.float64]
-# (B, d, k, N): the Feedback U-Net state at batch 2 (d = 18, 128 x 128), odd N, several chunks with a partial one.
-FEEDBACK_SHAPES = [(2, 18, 2, 128 * 128), (3, 18, 2, 37 * 41), (5, 7, 3, 4099), (1, 33, 1, 3 * 5 * 7)]
-# (B, C, N): CBL-CNN maps and odd N.
-GATE_SHAPES = [(128, 64, 16 * 16), (16, 64, 129), (3, 5, 7)]
+# (B, d, k, N): the Feedback U-Net state at batch 2 (d = 18, 128 x 128), odd N, several chunks with a partial one,
+# and outputs past 16 MB with an odd N (non-temporal stores from unaligned row starts, huge-page advice).
+FEEDBACK_SHAPES = [(2, 18, 2, 128 * 128), (3, 18, 2, 37 * 41), (5, 7, 3, 4099), (1, 33, 1, 3 * 5 * 7),
+                   (2, 18, 2, 512 * 231 + 3)]
+# (B, C, N): CBL-CNN maps, odd N, and an output past 16 MB with an odd N.
+GATE_SHAPES = [(128, 64, 16 * 16), (16, 64, 129), (3, 5, 7), (32, 64, 2049)]
 THREAD_COUNTS = (1, 2, 3)
 
 
@@ -84,13 +88,23 @@ def _under_threads(fn):
 def test_feedback_step_bits_independent_of_threads(cpp, B, d, k, N, dtype):
     x = _feedback_tensors(B, d, k, N, dtype)
     forwards = _under_threads(lambda: cpp.feedback_step_forward(x["h"], x["f"], x["decay"], k))
+    wide = {name: t.double() for name, t in x.items()}  # the reference in float64, as tests/_compare.py says
+    for name, got, expected in zip(("h_next", "v"), forwards[0],
+                                   _reference.feedback_step_forward(wide["h"], wide["f"], wide["decay"], k)):
+        assert_close(name, got, expected, dtype)
     v = forwards[0][1]
+    expected_grads = _reference.feedback_step_backward(wide["grad_h"], wide["grad_v"], wide["f"], v.double(),
+                                                       wide["decay"], k)
     for needs_grad in ((True, True, True), (False, True, True), (True, True, False)):
         for grad_h, grad_v in ((x["grad_h"], x["grad_v"]), (None, x["grad_v"]), (x["grad_h"], None)):
             backwards = _under_threads(
                 lambda: cpp.feedback_step_backward(grad_h, grad_v, x["f"], v, x["decay"], k, needs_grad))
             for result in backwards[1:]:
                 assert all(_bitwise_equal(a, b) for a, b in zip(result, backwards[0]))
+            if all(needs_grad) and grad_h is not None and grad_v is not None:
+                for name, got, expected, summed_over in zip(("grad_h", "grad_f", "grad_decay"), backwards[0],
+                                                            expected_grads, (1, 1, B * N)):
+                    assert_close(name, got, expected, dtype, summed_over)
     for result in forwards[1:]:
         assert all(_bitwise_equal(a, b) for a, b in zip(result, forwards[0]))
 
@@ -103,7 +117,13 @@ def test_context_gate_bits_independent_of_threads(cpp, B, C, N, alpha, dtype):
                                 torch.randn(B, C, N, dtype=dtype))
     forwards = _under_threads(lambda: cpp.context_gate_forward(h, gate_logits, alpha))
     assert all(_bitwise_equal(out, forwards[0]) for out in forwards[1:])
+    wide = h.double(), gate_logits.double()
+    assert_close("out", forwards[0], _reference.context_gate_forward(*wide, alpha), dtype)
     backwards = _under_threads(lambda: cpp.context_gate_backward(grad_out, h, gate_logits, alpha))
+    for name, got, expected, summed_over in zip(
+            ("grad_h", "grad_gate_logits"), backwards[0],
+            _reference.context_gate_backward(grad_out.double(), *wide, alpha), (1, N)):
+        assert_close(name, got, expected, dtype, summed_over)
     for result in backwards[1:]:
         assert all(_bitwise_equal(a, b) for a, b in zip(result, backwards[0]))
 

@@ -44,16 +44,10 @@ int64_t for_each_row(int64_t rows, int64_t row_length, int64_t num_threads, bool
   });
 }
 
-// h * scale into out[0:len], through non-temporal stores with `stream` (see write_row).
+// h * scale into out[0:len], through non-temporal stores with `stream` (see write_row_map).
 template <typename T>
 inline void scale_row(T* __restrict out, const T* __restrict h, T scale, int64_t len, bool stream) {
-  constexpr int64_t kPiece = 256;  // scaled in a stack buffer, then written like a scratch row
-  alignas(64) T piece[kPiece];
-  for (int64_t n0 = 0; n0 < len; n0 += kPiece) {
-    const int64_t count = std::min(kPiece, len - n0);
-    for (int64_t n = 0; n < count; ++n) piece[n] = h[n0 + n] * scale;
-    write_row(out + n0, piece, count, stream);
-  }
+  write_row_map(out, len, stream, [scale](auto x) { return x * scale; }, h);
 }
 
 }  // namespace detail
@@ -67,6 +61,7 @@ int64_t context_gate_forward(const ContextGateParams& p) {
   const int64_t N = p.N;
   const T blend = static_cast<T>(p.alpha);
   const bool stream = streaming_pays(p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
+  advise_huge_pages(out, p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
   return detail::for_each_row(p.B * p.C, N, p.num_threads, stream, [&](int64_t row) {
     const T gate = detail::stable_sigmoid(gate_logits[row]);
     const T scale = blend + (T(1) - blend) * gate;
@@ -88,6 +83,7 @@ int64_t context_gate_backward(const ContextGateParams& p) {
   constexpr int64_t W = kTileWidth<T>;
   const T blend = static_cast<T>(p.alpha);
   const bool stream = p.need_grad_h && streaming_pays(p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
+  if (p.need_grad_h) advise_huge_pages(grad_h, p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
   return detail::for_each_row(p.B * p.C, N, p.num_threads, stream, [&](int64_t row) {
     const T gate = detail::stable_sigmoid(gate_logits[row]);
     const T* __restrict g_row = grad_out + row * N;

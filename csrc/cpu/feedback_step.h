@@ -85,16 +85,16 @@ inline void load_padded(T* __restrict dst, const T* __restrict src, int64_t len,
 
 // Every output tile of the channel mix and of grad_decay is a chain of dependent multiply-adds; computed one at a
 // time, the FMA latency and not the loads would set the pace. These many tiles are computed together, as
-// independent chains in 8 to 12 of the 16 vector registers: 6 (AVX2) or 3 (SSE2) rows of the mix, 2 x 2 or
-// 1 x 2 entries of grad_decay.
+// independent chains in 6 to 12 of the 16 vector registers: 6 (AVX2) or 3 (SSE2) rows of the mix, 2 x 6 or
+// 2 x 3 entries of grad_decay (one vector each: 8 or 5 loads feed 12 or 6 multiply-adds).
 #if defined(__AVX2__)
 constexpr int64_t kMixRows = 6;
-constexpr int64_t kOuterRows = 2;
+constexpr int64_t kOuterCols = 6;
 #else
 constexpr int64_t kMixRows = 3;
-constexpr int64_t kOuterRows = 1;
+constexpr int64_t kOuterCols = 3;
 #endif
-constexpr int64_t kOuterCols = 2;
+constexpr int64_t kOuterRows = 2;
 // The scratch buffers have their row count rounded up to this (the extra rows zero), so the blocked loops need no
 // remainder code: a multiple of kMixRows, kOuterRows and kOuterCols in both builds.
 constexpr int64_t kRowPad = 6;
@@ -133,27 +133,24 @@ inline void mix_block(T* __restrict out, const T* __restrict matrix, const T* __
 
 // dM[i * rows + j] += sum_n g[i * stride + n] * f[j * stride + n] for i, j < rows and n < padded (rows a multiple
 // of kRowPad, padded of the tile width; g and f are zero past their real rows and positions). Each (i, j) sums
-// lane-wise tile by tile, then over its lanes by sum_lanes.
+// lane-wise vector by vector, then over its lanes by sum_lanes.
 template <typename T>
 inline void accumulate_outer(T* __restrict dM, const T* __restrict g, const T* __restrict f, int64_t rows,
                              int64_t stride, int64_t padded) {
   using V = vec_t<T>;
-  constexpr int64_t W = kTileWidth<T>, L = kLanes<T>;
+  constexpr int64_t L = kLanes<T>;
   for (int64_t i0 = 0; i0 < rows; i0 += kOuterRows) {
     for (int64_t j0 = 0; j0 < rows; j0 += kOuterCols) {
-      V acc[kOuterRows][kOuterCols][kVectorsPerTile] = {};
-      for (int64_t t0 = 0; t0 < padded; t0 += W) {
+      V acc[kOuterRows][kOuterCols] = {};
+      for (int64_t n = 0; n < padded; n += L) {
+        V f_vec[kOuterCols];
+#pragma GCC unroll 8
+        for (int64_t b = 0; b < kOuterCols; ++b) f_vec[b] = load_vector<T>(f + (j0 + b) * stride + n);
 #pragma GCC unroll 4
-        for (int64_t u = 0; u < kVectorsPerTile; ++u) {
-          V f_vec[kOuterCols];
-#pragma GCC unroll 4
-          for (int64_t b = 0; b < kOuterCols; ++b) f_vec[b] = load_vector<T>(f + (j0 + b) * stride + t0 + u * L);
-#pragma GCC unroll 4
-          for (int64_t a = 0; a < kOuterRows; ++a) {
-            const V g_vec = load_vector<T>(g + (i0 + a) * stride + t0 + u * L);
-#pragma GCC unroll 4
-            for (int64_t b = 0; b < kOuterCols; ++b) acc[a][b][u] = multiply_add<T>(g_vec, f_vec[b], acc[a][b][u]);
-          }
+        for (int64_t a = 0; a < kOuterRows; ++a) {
+          const V g_vec = load_vector<T>(g + (i0 + a) * stride + n);
+#pragma GCC unroll 8
+          for (int64_t b = 0; b < kOuterCols; ++b) acc[a][b] = multiply_add<T>(g_vec, f_vec[b], acc[a][b]);
         }
       }
       for (int64_t a = 0; a < kOuterRows; ++a)
@@ -231,6 +228,8 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
   const int64_t block = detail::feedback_block_length<T>(positions / num_chunks + 1, N);
   const int64_t stride = block + W;  // one spare cache line per row: rows do not share cache sets
   const bool stream = streaming_pays(positions * (d + k) * static_cast<int64_t>(sizeof(T)));
+  advise_huge_pages(h_next, positions * d * static_cast<int64_t>(sizeof(T)));
+  advise_huge_pages(v, positions * k * static_cast<int64_t>(sizeof(T)));
 
   return parallel_for(num_chunks, p.num_threads, [&](int64_t chunk) {
     // f_buf: the block's f rows; mix_buf: M @ f (rows padded), then h_next (its last k rows are the softmax
@@ -248,9 +247,12 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
       // all d rows of h per tile instead would keep 2d strided memory streams open, more than the hardware
       // prefetchers follow.
       detail::mix_block(mix_buf, M.data(), f_buf, d, rows, stride, padded);
-      for (int64_t i = 0; i < d; ++i) {
-        const T* __restrict h_row = h + offset + i * N;
+      const auto add = [](auto x, auto y) { return x + y; };
+      for (int64_t i = 0; i < d - k; ++i)
+        write_row_map(h_next + offset + i * N, len, stream, add, mix_buf + i * stride, h + offset + i * N);
+      for (int64_t i = d - k; i < d; ++i) {  // kept in mix_buf too: the softmax's input
         T* __restrict mix_row = mix_buf + i * stride;
+        const T* __restrict h_row = h + offset + i * N;
         for (int64_t n = 0; n < len; ++n) mix_row[n] += h_row[n];
         write_row(h_next + offset + i * N, mix_row, len, stream);
       }
@@ -288,6 +290,8 @@ int64_t feedback_step_backward(const FeedbackStepParams& p) {
   const int64_t stride = block + W;
   const int64_t written = (p.need_grad_h ? d : 0) + (p.need_grad_f ? d : 0);
   const bool stream = streaming_pays(positions * written * static_cast<int64_t>(sizeof(T)));
+  if (p.need_grad_h) advise_huge_pages(grad_h, positions * d * static_cast<int64_t>(sizeof(T)));
+  if (p.need_grad_f) advise_huge_pages(grad_f, positions * d * static_cast<int64_t>(sizeof(T)));
   // One [rows, rows] partial of grad_decay per chunk (the entries past d unused).
   std::unique_ptr<T[]> partials(p.need_grad_decay ? new T[static_cast<size_t>(num_chunks * rows * rows)] : nullptr);
 

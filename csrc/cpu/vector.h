@@ -16,6 +16,11 @@
 #define FBKERNELS_X86 1
 #endif
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <cstdlib>
+
 namespace fbkernels {
 namespace cpu {
 
@@ -78,14 +83,14 @@ inline vec_t<T> multiply_add(vec_t<T> a, vec_t<T> b, vec_t<T> c) {
 #endif
 }
 
-// The lanes of a tile (kVectorsPerTile vectors) summed by a fixed tree: vectorises without -ffast-math and gives
-// the same bits on every run.
+// The lanes of a vector summed by a fixed tree: vectorises without -ffast-math and gives the same bits on every
+// run.
 template <typename T>
-inline T sum_lanes(const vec_t<T> (&tile)[kVectorsPerTile]) {
-  constexpr int64_t W = kTileWidth<T>;
-  T lanes[W];
-  std::memcpy(lanes, tile, sizeof lanes);
-  for (int64_t width = W / 2; width > 0; width /= 2)
+inline T sum_lanes(const vec_t<T>& vector) {
+  constexpr int64_t L = kLanes<T>;
+  T lanes[L];
+  std::memcpy(lanes, &vector, sizeof lanes);
+  for (int64_t width = L / 2; width > 0; width /= 2)
     for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
   return lanes[0];
 }
@@ -116,30 +121,81 @@ inline vec_t<float> exp_nonpositive(vec_t<float> z) {
   return z != z ? z : result;
 }
 
-// Whether outputs of `bytes` in total are written with non-temporal stores: past the size of a last-level cache,
-// a normal store first reads the line it overwrites (a third more traffic for a copy-like kernel), and the data
-// would be evicted before anyone reads it again.
-inline bool streaming_pays(int64_t bytes) { return bytes >= (int64_t{4} << 20); }
+// Whether outputs of `bytes` in total are written with non-temporal stores. Past the size of a last-level cache a
+// normal store first reads the line it overwrites (a third more traffic for a copy-like kernel), and the data
+// would be evicted before anyone reads it again; below it, the next op finds the output in the cache, and
+// non-temporal stores would send it to memory instead (context_gate at the CBL-CNN shapes, 8 MB, ran 1.5-2x slower
+// with them). 16 MB is half of the 32 MB L3 that a core of a current server part shares (the L3 size the OS
+// reports is often the whole socket's, so it is not queried).
+inline bool streaming_pays(int64_t bytes) { return bytes >= (int64_t{16} << 20); }
 
-// dst[0:len] = src[0:len]; with `stream`, through non-temporal stores where the build supports them (src is a
-// 64-byte aligned scratch row or any readable row; dst any row).
+// Stores one vector at dst, bypassing the cache (dst aligned to the vector size) where the build supports it.
+template <typename T>
+inline void stream_vector(T* dst, const vec_t<T>& value) {
+#if defined(FBKERNELS_X86) && defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(dst, value);
+  } else {
+    _mm256_stream_pd(dst, value);
+  }
+#elif defined(FBKERNELS_X86)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm_stream_ps(dst, value);
+  } else {
+    _mm_stream_pd(dst, value);
+  }
+#else
+  store_vector<T>(dst, value);
+#endif
+}
+
+// dst[n] = op(src[n]...) for n < len, op taking and returning vectors and scalars alike (an elementwise
+// expression: the same bits either way). With `stream`, the vectors are stored through stream_vector. Fusing the
+// last elementwise step of a kernel into its store saves a pass over a scratch row.
+template <typename T, typename Op, typename... Src>
+inline void write_row_map(T* __restrict dst, int64_t len, bool stream, const Op& op, const Src* __restrict... src) {
+  constexpr int64_t L = kLanes<T>;
+  int64_t n = 0;
+  if (stream) {
+    for (; n < len && (reinterpret_cast<uintptr_t>(dst + n) % kVectorBytes) != 0; ++n) dst[n] = op(src[n]...);
+    for (; n + L <= len; n += L) stream_vector<T>(dst + n, op(load_vector<T>(src + n)...));
+  } else {
+    for (; n + L <= len; n += L) store_vector<T>(dst + n, op(load_vector<T>(src + n)...));
+  }
+  for (; n < len; ++n) dst[n] = op(src[n]...);
+}
+
+// dst[0:len] = src[0:len]; with `stream`, through non-temporal stores.
 template <typename T>
 inline void write_row(T* __restrict dst, const T* __restrict src, int64_t len, bool stream) {
-  int64_t n = 0;
-#if defined(FBKERNELS_X86)
-  if (stream) {
-    for (; n < len && (reinterpret_cast<uintptr_t>(dst + n) % 16) != 0; ++n) dst[n] = src[n];
-    constexpr int64_t L = static_cast<int64_t>(16 / sizeof(T));
-    for (; n + L <= len; n += L) {
-      if constexpr (std::is_same_v<T, float>) {
-        _mm_stream_ps(dst + n, _mm_loadu_ps(src + n));
-      } else {
-        _mm_stream_pd(dst + n, _mm_loadu_pd(src + n));
-      }
-    }
+  if (!stream) {
+    std::memcpy(dst, src, static_cast<size_t>(len) * sizeof(T));
+    return;
   }
+  write_row_map(dst, len, stream, [](auto x) { return x; }, src);
+}
+
+// Asks the kernel to back the output `data` (`bytes` long, freshly allocated by the caller) with 2 MiB
+// transparent huge pages, where Linux allows them (THP mode "always" or "madvise"). An output this large is
+// usually fresh memory from mmap (glibc maps allocations of 32 MiB and more on their own), and its first write
+// faults every 4 KiB page in: ~10k faults for a 40 MB output, which took longer than the kernel itself (27 ms
+// against 11 ms for feedback_step at 8x18x256x256 on 2 cores; 14 ms with huge pages). Only the 2 MiB-aligned
+// interior is advised, and only outputs of at least 4 MiB. FBKERNELS_HUGE_PAGES=0 in the environment turns it off.
+inline void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  static const bool enabled = [] {
+    const char* setting = std::getenv("FBKERNELS_HUGE_PAGES");
+    return setting == nullptr || std::strcmp(setting, "0") != 0;
+  }();
+  if (!enabled || data == nullptr || bytes < static_cast<int64_t>(2 * kHugePage)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHugePage - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
+#else
+  (void)data;
+  (void)bytes;
 #endif
-  std::memcpy(dst + n, src + n, static_cast<size_t>(len - n) * sizeof(T));
 }
 
 // Orders a task's non-temporal stores before the stores of whoever reads them next (called at the end of a task).
