@@ -168,44 +168,42 @@ std::vector<T> padded_matrix(const T* src, int64_t d, int64_t rows, bool transpo
   return out;
 }
 
-// x[n] = exp(x[n] - max[n]) and sum[n] += x[n] for n < len: the softmax's exponentials. float runs
-// exp_nonpositive on whole vectors and expf on the last few positions; double uses exp throughout.
+// x[c * stride + n] = exp(x[c * stride + n] - max_c x[c * stride + n]) for c < k, and inverse_sum[n] = 1 / sum_c of
+// those, at the positions n of one vector (V a vector type) or one scalar (V = T). The max keeps exp's argument
+// <= 0 (no overflow); a NaN/Inf only reaches the positions whose logits hold it.
+template <typename T, typename V, typename Exp>
+inline void exp_and_inverse_sum(T* x, int64_t stride, int64_t k, int64_t n, T* inverse_sum, const Exp& exp_fn) {
+  V max = load_as<T, V>(x + n);
+  for (int64_t c = 1; c < k; ++c) {
+    const V xc = load_as<T, V>(x + c * stride + n);
+    max = xc > max ? xc : max;
+  }
+  V sum = V{} + T(0);
+  for (int64_t c = 0; c < k; ++c) {
+    const V e = exp_fn(load_as<T, V>(x + c * stride + n) - max);
+    store_as<T, V>(x + c * stride + n, e);
+    sum = sum + e;
+  }
+  store_as<T, V>(inverse_sum + n, T(1) / sum);
+}
+
+// v[c * v_stride + n] = softmax over c < k of x[c * x_stride + n], for n < len (x overwritten with the
+// exponentials). One pass computes the exponentials and their inverse sum a vector of positions at a time (float:
+// exp_nonpositive on whole vectors, expf on the last few positions; double: exp throughout); a second pass per
+// channel scales and writes v.
 template <typename T>
-inline void exp_minus_max(T* __restrict x, const T* __restrict max_buf, T* __restrict sum_buf, int64_t len) {
+void softmax_columns(T* x, int64_t x_stride, int64_t k, int64_t len, T* __restrict inverse_sum, T* v,
+                     int64_t v_stride, bool stream) {
   int64_t n = 0;
   if constexpr (std::is_same_v<T, float>) {
     constexpr int64_t L = kLanes<float>;
-    for (; n + L <= len; n += L) {
-      const vec_t<float> e = exp_nonpositive(load_vector<float>(x + n) - load_vector<float>(max_buf + n));
-      store_vector<float>(x + n, e);
-      store_vector<float>(sum_buf + n, load_vector<float>(sum_buf + n) + e);
-    }
+    const auto vector_exp = [](vec_t<float> z) { return exp_nonpositive(z); };
+    for (; n + L <= len; n += L) exp_and_inverse_sum<float, vec_t<float>>(x, x_stride, k, n, inverse_sum, vector_exp);
   }
-  for (; n < len; ++n) {
-    const T e = std::exp(x[n] - max_buf[n]);
-    x[n] = e;
-    sum_buf[n] += e;
-  }
-}
-
-// v[c * v_stride + n] = softmax over c < k of x[c * x_stride + n], for n < len. Subtracts the per-position max for
-// stability; a NaN/Inf only reaches the positions whose logits hold it. Overwrites x with exp(x - max).
-template <typename T>
-void softmax_columns(T* x, int64_t x_stride, int64_t k, int64_t len, T* __restrict max_buf, T* __restrict sum_buf,
-                     T* v, int64_t v_stride, bool stream) {
-  for (int64_t n = 0; n < len; ++n) max_buf[n] = x[n];
-  for (int64_t c = 1; c < k; ++c) {
-    const T* __restrict xc = x + c * x_stride;
-    for (int64_t n = 0; n < len; ++n) max_buf[n] = xc[n] > max_buf[n] ? xc[n] : max_buf[n];
-  }
-  for (int64_t n = 0; n < len; ++n) sum_buf[n] = T(0);
-  for (int64_t c = 0; c < k; ++c) exp_minus_max(x + c * x_stride, max_buf, sum_buf, len);
-  for (int64_t n = 0; n < len; ++n) sum_buf[n] = T(1) / sum_buf[n];
-  for (int64_t c = 0; c < k; ++c) {
-    T* __restrict xc = x + c * x_stride;
-    for (int64_t n = 0; n < len; ++n) xc[n] *= sum_buf[n];
-    write_row(v + c * v_stride, xc, len, stream);
-  }
+  const auto scalar_exp = [](T z) { return std::exp(z); };
+  for (; n < len; ++n) exp_and_inverse_sum<T, T>(x, x_stride, k, n, inverse_sum, scalar_exp);
+  const auto scale = [](auto e, auto inverse) { return e * inverse; };
+  for (int64_t c = 0; c < k; ++c) write_row_map(v + c * v_stride, len, stream, scale, x + c * x_stride, inverse_sum);
 }
 
 }  // namespace detail
@@ -233,11 +231,10 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
 
   return parallel_for(num_chunks, p.num_threads, [&](int64_t chunk) {
     // f_buf: the block's f rows; mix_buf: M @ f (rows padded), then h_next (its last k rows are the softmax
-    // input); then max and sum rows.
-    T* f_buf = thread_scratch<T>((d + rows + 2) * stride);
+    // input); then the softmax's inverse sums.
+    T* f_buf = thread_scratch<T>((d + rows + 1) * stride);
     T* mix_buf = f_buf + d * stride;
-    T* max_buf = mix_buf + rows * stride;
-    T* sum_buf = max_buf + stride;
+    T* inverse_sum = mix_buf + rows * stride;
     const auto range = detail::chunk_positions(chunk, num_chunks, positions);
     detail::for_each_block(range, N, block, [&](int64_t b, int64_t n0, int64_t len) {
       const int64_t padded = detail::round_up(len, W);
@@ -256,8 +253,7 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
         for (int64_t n = 0; n < len; ++n) mix_row[n] += h_row[n];
         write_row(h_next + offset + i * N, mix_row, len, stream);
       }
-      detail::softmax_columns(mix_buf + (d - k) * stride, stride, k, len, max_buf, sum_buf, v + b * k * N + n0, N,
-                              stream);
+      detail::softmax_columns(mix_buf + (d - k) * stride, stride, k, len, inverse_sum, v + b * k * N + n0, N, stream);
     });
     finish_streaming(stream);
   });

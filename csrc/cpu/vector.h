@@ -56,6 +56,26 @@ inline void store_vector(T* p, const vec_t<T>& v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// load_vector / store_vector where V is vec_t<T>, a plain element access where V is T: one function body serves the
+// vector loop and its scalar tail.
+template <typename T, typename V>
+inline V load_as(const T* p) {
+  if constexpr (std::is_same_v<V, T>) {
+    return *p;
+  } else {
+    return load_vector<T>(p);
+  }
+}
+
+template <typename T, typename V>
+inline void store_as(T* p, const V& value) {
+  if constexpr (std::is_same_v<V, T>) {
+    *p = value;
+  } else {
+    store_vector<T>(p, value);
+  }
+}
+
 template <typename T>
 inline vec_t<T> broadcast(T value) {
 #if defined(__AVX2__)
