@@ -154,3 +154,18 @@ def test_verdict_writes_slower_out():
         assert "2.00x faster than eager" in line and "2.00x slower than torch.compile" in line
         assert "25% of copy bandwidth" in line
     assert sum("peak memory 0.50x eager's" in line for line in lines) == 2
+
+
+@pytest.mark.skipif(subprocess.run(["which", "g++"], capture_output=True).returncode != 0, reason="no g++")
+def test_cpu_kernel_driver_builds_and_runs(tmp_path):
+    """bench/cpu_kernel_driver.cpp (the kernels timed without Python) compiles with the CPU module's flags and runs
+    every op in both output modes."""
+    binary = tmp_path / "driver"
+    subprocess.run(["g++", "-O1", "-std=c++17", "-fno-math-errno", "-ffp-contract=off", "-fopenmp",
+                    f"-I{REPO / 'csrc'}", str(BENCH / "cpu_kernel_driver.cpp"), "-o", str(binary)],
+                   check=True, capture_output=True, timeout=300)
+    for op in ("feedback_step_forward", "feedback_step_backward", "context_gate_forward", "context_gate_backward"):
+        for outputs in ("fresh", "preallocated"):
+            proc = subprocess.run([str(binary), op, "2", "5", "37", "2", outputs, "3"], capture_output=True,
+                                  text=True, timeout=60, check=True)
+            assert proc.stdout.startswith(f"{op} B=2 C=5 N=37 threads=2 {outputs} outputs: median ")
