@@ -485,7 +485,7 @@ def test_cpp_is_the_automatic_cpu_choice_and_rejects_half(monkeypatch):
 @pytest.mark.skipif("cpp" not in ALL_CPU, reason="fbkernels._C not built")
 @pytest.mark.parametrize("prefer_avx2", [False, True])
 @pytest.mark.parametrize("N,gate_shape", [(99, (2, 5, 77)), (512 * 231 + 3, (32, 64, 2049))],
-                         ids=["small", "streamed"])  # the second writes > 16 MB: non-temporal stores
+                         ids=["small", "streamed"])  # the second moves > 24 MiB: non-temporal stores
 def test_both_cpu_builds_match_eager(prefer_avx2, N, gate_shape):
     """The portable module and the AVX2 one (where built and supported) compute the same op within rounding."""
     from fbkernels import _cpp

@@ -60,7 +60,7 @@ int64_t context_gate_forward(const ContextGateParams& p) {
   T* out = reinterpret_cast<T*>(p.out);
   const int64_t N = p.N;
   const T blend = static_cast<T>(p.alpha);
-  const bool stream = streaming_pays(p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
+  const bool stream = streaming_pays(2 * p.B * p.C * N * static_cast<int64_t>(sizeof(T)));  // reads h, writes out
   advise_huge_pages(out, p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
   return detail::for_each_row(p.B * p.C, N, p.num_threads, stream, [&](int64_t row) {
     const T gate = detail::stable_sigmoid(gate_logits[row]);
@@ -82,7 +82,9 @@ int64_t context_gate_backward(const ContextGateParams& p) {
   if (!p.need_grad_h && !p.need_grad_gate_logits) return 1;
   constexpr int64_t W = kTileWidth<T>;
   const T blend = static_cast<T>(p.alpha);
-  const bool stream = p.need_grad_h && streaming_pays(p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
+  // Reads grad_out and (for the logit gradient) h; writes grad_h.
+  const int64_t maps_moved = 1 + (p.need_grad_gate_logits ? 1 : 0) + (p.need_grad_h ? 1 : 0);
+  const bool stream = p.need_grad_h && streaming_pays(maps_moved * p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
   if (p.need_grad_h) advise_huge_pages(grad_h, p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
   return detail::for_each_row(p.B * p.C, N, p.num_threads, stream, [&](int64_t row) {
     const T gate = detail::stable_sigmoid(gate_logits[row]);

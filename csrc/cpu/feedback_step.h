@@ -225,7 +225,8 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
   const int64_t positions = B * N;
   const int64_t block = detail::feedback_block_length<T>(positions / num_chunks + 1, N);
   const int64_t stride = block + W;  // one spare cache line per row: rows do not share cache sets
-  const bool stream = streaming_pays(positions * (d + k) * static_cast<int64_t>(sizeof(T)));
+  // Reads h and f, writes h_next and v.
+  const bool stream = streaming_pays(positions * (3 * d + k) * static_cast<int64_t>(sizeof(T)));
   advise_huge_pages(h_next, positions * d * static_cast<int64_t>(sizeof(T)));
   advise_huge_pages(v, positions * k * static_cast<int64_t>(sizeof(T)));
 
@@ -284,8 +285,10 @@ int64_t feedback_step_backward(const FeedbackStepParams& p) {
   const int64_t positions = B * N;
   const int64_t block = detail::feedback_block_length<T>(positions / num_chunks + 1, N);
   const int64_t stride = block + W;
-  const int64_t written = (p.need_grad_h ? d : 0) + (p.need_grad_f ? d : 0);
-  const bool stream = streaming_pays(positions * written * static_cast<int64_t>(sizeof(T)));
+  // Reads grad_h_next, grad_v, v and (for grad_decay) f; writes grad_h and grad_f, those asked for.
+  const int64_t rows_moved = (grad_h_next != nullptr ? d : 0) + (grad_v != nullptr ? k : 0) + k +
+                             (p.need_grad_decay ? d : 0) + (p.need_grad_h ? d : 0) + (p.need_grad_f ? d : 0);
+  const bool stream = streaming_pays(positions * rows_moved * static_cast<int64_t>(sizeof(T)));
   if (p.need_grad_h) advise_huge_pages(grad_h, positions * d * static_cast<int64_t>(sizeof(T)));
   if (p.need_grad_f) advise_huge_pages(grad_f, positions * d * static_cast<int64_t>(sizeof(T)));
   // One [rows, rows] partial of grad_decay per chunk (the entries past d unused).
