@@ -40,12 +40,16 @@ def check_like_state(name: str, value: Tensor, state_name: str, state: Tensor) -
 
 
 def check_int(name: str, value) -> None:
+    if type(value) is int:  # the common case, without the slower abstract-class check below
+        return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
 def canonical(x: Tensor) -> Tensor:
     """[B, d, *S] -> contiguous [B, d, N], N = prod(S) (written out: -1 is ambiguous for a batch of 0)."""
+    if x.dim() == 3:  # already [B, d, N]: no reshape, which costs more than the small kernels' work
+        return x.contiguous()
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).contiguous()
 
 

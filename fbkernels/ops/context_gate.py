@@ -85,7 +85,8 @@ def context_gate_backward(
 
 def _forward_on_host(h: Tensor, gate_logits: Tensor, alpha: float, backend: str) -> Tensor:
     """The forward op's body, which the eager fast path also runs: backend's host function on the canonical layout."""
-    return host_module(backend).context_gate_forward(canonical(h), gate_logits.contiguous(), alpha).reshape(h.shape)
+    out = host_module(backend).context_gate_forward(canonical(h), gate_logits.contiguous(), alpha)
+    return out if h.dim() == 3 else out.reshape(*h.shape)
 
 
 def _backward_on_host(grad_out, h, gate_logits, alpha, backend, needs_grad) -> tuple[Tensor | None, Tensor | None]:
@@ -94,7 +95,7 @@ def _backward_on_host(grad_out, h, gate_logits, alpha, backend, needs_grad) -> t
     grad_h, grad_gate = host_module(backend).context_gate_backward(
         canonical(grad_out), canonical(h), gate_logits.contiguous(), alpha, tuple(needs_grad)
     )
-    return (unaliased(grad_h.reshape(h.shape), grad_out) if needs_grad[0] else None,
+    return (unaliased(grad_h if h.dim() == 3 else grad_h.reshape(*h.shape), grad_out) if needs_grad[0] else None,
             grad_gate if needs_grad[1] else None)
 
 

@@ -98,7 +98,9 @@ def feedback_step_backward(
 def _forward_on_host(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int, backend: str) -> tuple[Tensor, Tensor]:
     """The forward op's body, which the eager fast path also runs: backend's host function on the canonical layout."""
     h_next, v = host_module(backend).feedback_step_forward(canonical(h), canonical(f), decay.contiguous(), num_feedback)
-    return h_next.reshape(h.shape), v.reshape(h.shape[0], num_feedback, *h.shape[2:])
+    if h.dim() == 3:
+        return h_next, v
+    return h_next.reshape(*h.shape), v.reshape(h.shape[0], num_feedback, *h.shape[2:])
 
 
 def _backward_on_host(grad_h, grad_v, f, v, decay, num_feedback, backend, needs_grad) -> tuple[Tensor | None, ...]:
@@ -108,9 +110,8 @@ def _backward_on_host(grad_h, grad_v, f, v, decay, num_feedback, backend, needs_
         None if grad_h is None else canonical(grad_h), None if grad_v is None else canonical(grad_v),
         canonical(f), canonical(v), decay.contiguous(), num_feedback, tuple(needs_grad),
     )
-    shapes = (f.shape, f.shape, decay.shape)
-    return tuple(unaliased(grad.reshape(shape), grad_h, grad_v) if needed else None
-                 for grad, needed, shape in zip(grads, needs_grad, shapes))
+    return tuple(unaliased(grad if grad.dim() == like.dim() else grad.reshape(*like.shape), grad_h, grad_v)
+                 if needed else None for grad, needed, like in zip(grads, needs_grad, (f, f, decay)))
 
 
 @torch.library.custom_op("fbkernels::feedback_step", mutates_args=())
