@@ -784,3 +784,21 @@ def test_fast_path_passes_an_unused_outputs_gradient_as_none(use, monkeypatch):
     assert type(h_next.grad_fn).__name__ in FAST_PATH_NODES
     (h_next if use == "h_next" else v).sum().backward()
     assert received == [(use == "v", use == "h_next")]
+
+
+@needs_cpp
+def test_jit_trace_records_the_custom_ops():
+    """torch.jit.trace records the op (the fast path's kernel call would be invisible to it, leaving a wrong trace)."""
+    h, f, decay = (t.detach() for t in _feedback_inputs(2, 5, (3, 4), F32))
+    gate = torch.randn(2, 5)
+
+    def run(h, f, decay, gate):
+        h_next, v = fbkernels.feedback_step(h, f, decay, 2, backend="cpp")
+        return fbkernels.context_gate(h_next, gate, 0.5, backend="cpp"), v
+
+    traced = torch.jit.trace(run, (h, f, decay, gate), check_trace=False)
+    graph = str(traced.graph)
+    assert "fbkernels::feedback_step" in graph and "fbkernels::context_gate" in graph, graph
+    h2, f2 = torch.randn_like(h), torch.randn_like(f)
+    for a, b in zip(traced(h2, f2, decay, gate), run(h2, f2, decay, gate)):
+        assert torch.equal(a, b)

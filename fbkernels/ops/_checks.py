@@ -89,9 +89,10 @@ FAST_PATH_BACKENDS = ("cpp",)
 def fast_path(backend: str, *tensors: Tensor | None) -> bool:
     """Whether an op call on ``backend`` may run its host functions directly instead of through its custom op (the
     same functions, without torch.library's dispatcher layers): a backend of FAST_PATH_BACKENDS in plain eager
-    PyTorch, with no torch.compile tracing, TorchDispatchMode (FakeTensorMode, make_fx) or TorchFunctionMode, functorch
-    transform (vmap, grad), autocast (its rule is registered on the custom op) or autograd profiler (whose traces name
-    the custom op) active, on plain tensors (no subclasses such as FakeTensor; None stands for an absent gradient)."""
+    PyTorch, with no torch.compile or torch.jit.trace tracing, TorchDispatchMode (FakeTensorMode, make_fx) or
+    TorchFunctionMode, functorch transform (vmap, grad), autocast (its rule is registered on the custom op) or autograd
+    profiler (whose traces name the custom op) active, on plain tensors (no subclasses such as FakeTensor; None stands
+    for an absent gradient)."""
     if backend not in FAST_PATH_BACKENDS:
         return False
     # is_compiling() first: Dynamo reads it as the constant True and traces none of the torch._C queries after it.
@@ -102,6 +103,7 @@ def fast_path(backend: str, *tensors: Tensor | None) -> bool:
         or torch._C._are_functorch_transforms_active()
         or torch._C._is_any_autocast_enabled()
         or torch._C._autograd._profiler_enabled()
+        or torch._C._is_tracing()
     ):
         return False
     return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
