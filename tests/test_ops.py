@@ -802,3 +802,13 @@ def test_jit_trace_records_the_custom_ops():
     h2, f2 = torch.randn_like(h), torch.randn_like(f)
     for a, b in zip(traced(h2, f2, decay, gate), run(h2, f2, decay, gate)):
         assert torch.equal(a, b)
+
+
+@needs_cpp
+def test_vmap_goes_through_the_custom_op():
+    """Under vmap the op runs per sample through the custom op's batching fallback (the fast path would hand the
+    kernels a batched tensor's storage)."""
+    h, f, decay = torch.randn(3, 2, 4, 5), torch.randn(2, 4, 5), torch.randn(4, 4)
+    batched = torch.func.vmap(lambda x: fbkernels.feedback_step(x, f, decay, 2, backend="cpp")[1])(h)
+    for i in range(3):
+        assert torch.equal(batched[i], fbkernels.feedback_step(h[i], f, decay, 2, backend="cpp")[1])
