@@ -90,12 +90,13 @@ def _forward_on_host(h: Tensor, gate_logits: Tensor, alpha: float, backend: str)
 
 
 def _backward_on_host(grad_out, h, gate_logits, alpha, backend, needs_grad) -> tuple[Tensor | None, Tensor | None]:
-    """The backward op's body, which the eager fast path also runs: (dL/dh, dL/dgate_logits), None where
+    """The backward op's body, which the eager fast path also runs (the op adds its own contract: no output
+    aliasing an input, an empty tensor for an absent gradient): (dL/dh, dL/dgate_logits), None where
     ``needs_grad`` leaves a gradient out."""
     grad_h, grad_gate = host_module(backend).context_gate_backward(
         canonical(grad_out), canonical(h), gate_logits.contiguous(), alpha, tuple(needs_grad)
     )
-    return (unaliased(grad_h if h.dim() == 3 else grad_h.reshape(*h.shape), grad_out) if needs_grad[0] else None,
+    return ((grad_h if h.dim() == 3 else grad_h.reshape(*h.shape)) if needs_grad[0] else None,
             grad_gate if needs_grad[1] else None)
 
 
@@ -114,8 +115,9 @@ def _context_gate_backward_op(
     grad_out: Tensor, h: Tensor, gate_logits: Tensor, alpha: float, backend: str, needs_grad: list[bool]
 ) -> tuple[Tensor, Tensor]:
     """(dL/dh, dL/dgate_logits); an empty tensor for each gradient that ``needs_grad`` leaves out."""
-    grads = _backward_on_host(grad_out, h, gate_logits, alpha, backend, needs_grad)
-    return tuple(unrequested(like) if grad is None else grad for grad, like in zip(grads, (h, gate_logits)))
+    grad_h, grad_gate = _backward_on_host(grad_out, h, gate_logits, alpha, backend, needs_grad)
+    return (unrequested(h) if grad_h is None else unaliased(grad_h, grad_out),
+            unrequested(gate_logits) if grad_gate is None else grad_gate)
 
 
 @_context_gate_backward_op.register_fake

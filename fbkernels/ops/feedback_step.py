@@ -104,14 +104,15 @@ def _forward_on_host(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int, bac
 
 
 def _backward_on_host(grad_h, grad_v, f, v, decay, num_feedback, backend, needs_grad) -> tuple[Tensor | None, ...]:
-    """The backward op's body, which the eager fast path also runs: (dL/dh, dL/df, dL/ddecay), None where
+    """The backward op's body, which the eager fast path also runs (the op adds its own contract: no output
+    aliasing an input, an empty tensor for an absent gradient): (dL/dh, dL/df, dL/ddecay), None where
     ``needs_grad`` leaves a gradient out."""
     grads = host_module(backend).feedback_step_backward(
         None if grad_h is None else canonical(grad_h), None if grad_v is None else canonical(grad_v),
         canonical(f), canonical(v), decay.contiguous(), num_feedback, tuple(needs_grad),
     )
-    return tuple(unaliased(grad if grad.dim() == like.dim() else grad.reshape(*like.shape), grad_h, grad_v)
-                 if needed else None for grad, needed, like in zip(grads, needs_grad, (f, f, decay)))
+    return tuple((grad if grad.dim() == like.dim() else grad.reshape(*like.shape)) if needed else None
+                 for grad, needed, like in zip(grads, needs_grad, (f, f, decay)))
 
 
 @torch.library.custom_op("fbkernels::feedback_step", mutates_args=())
@@ -131,7 +132,8 @@ def _feedback_step_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dL/dh, dL/df, dL/ddecay); an empty tensor for each gradient that ``needs_grad`` leaves out."""
     grads = _backward_on_host(grad_h, grad_v, f, v, decay, num_feedback, backend, needs_grad)
-    return tuple(unrequested(like) if grad is None else grad for grad, like in zip(grads, (f, f, decay)))
+    return tuple(unrequested(like) if grad is None else unaliased(grad, grad_h, grad_v)
+                 for grad, like in zip(grads, (f, f, decay)))
 
 
 @_feedback_step_backward_op.register_fake
