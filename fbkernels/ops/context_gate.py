@@ -12,8 +12,8 @@ Backward, from g = dL/dout:
 In order below: input validation, the eager reference (the "eager" backend's host functions), the custom ops
 ``fbkernels::context_gate`` and ``fbkernels::context_gate_backward`` with their fake implementations, autograd, the
 autocast rule, the eager fast path (plain eager calls on the cpp backend run the custom op's host calls and autograd
-functions without its dispatcher layers), and the public function. The fused backends provide host functions with the reference's
-signatures, on the canonical contiguous [B, C, N] layout.
+functions without its dispatcher layers), and the public function. The fused backends provide host functions with
+the reference's signatures, on the canonical contiguous [B, C, N] layout.
 """
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ Backward, from upstream g_h = dL/dh_next and g_v = dL/dv (either may be absent):
 In order below: input validation, the eager reference (the "eager" backend's host functions), the custom ops
 ``fbkernels::feedback_step`` and ``fbkernels::feedback_step_backward`` with their fake implementations, autograd,
 the autocast rule, the eager fast path (plain eager calls on the cpp backend run the custom op's host calls and
-autograd functions without its dispatcher layers), and the public function. The fused backends (fbkernels/_cpp.py, _cuda.py, triton/) provide host
-functions with the reference's signatures, on the canonical contiguous [B, d, N] layout.
+autograd functions without its dispatcher layers), and the public function. The fused backends (fbkernels/_cpp.py,
+_cuda.py, triton/) provide host functions with the reference's signatures, on the canonical contiguous [B, d, N]
+layout.
 """
 from __future__ import annotations
 
