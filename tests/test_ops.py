@@ -659,7 +659,7 @@ def test_context_gate_fast_path_matches_the_custom_op_bitwise(spatial, needs_gra
 
 
 @needs_cpp
-def test_fast_path_runs_without_the_custom_op_and_with_the_requested_gradients_only(monkeypatch):
+def test_fast_path_runs_without_the_custom_op_and_with_the_requested_gradients_only():
     """The fast path's autograd node is the op's own; an input without requires_grad gets no gradient, and a call
     without gradients builds no node at all."""
     h, f, decay = _feedback_inputs(2, 5, (3,), F32, requires_grad=False)
@@ -675,6 +675,15 @@ def test_fast_path_runs_without_the_custom_op_and_with_the_requested_gradients_o
         "_ContextGateFunctionBackward"
     # The eager backend keeps the custom op path.
     assert type(fbkernels.feedback_step(h, f, decay, 2, backend="eager")[0].grad_fn).__name__ not in FAST_PATH_NODES
+    # A model's decay is an nn.Parameter, which the fast path takes as a plain tensor; the results stay the op's.
+    parameter = torch.nn.Parameter(decay.clone())
+    fast = fbkernels.feedback_step(h, f, parameter, 2, backend="cpp")
+    assert type(fast[0].grad_fn).__name__ == "_FeedbackStepFunctionBackward"
+    with _RecordingMode():
+        through_op = fbkernels.feedback_step(h, f, parameter, 2, backend="cpp")
+    for a, b in zip(torch.autograd.grad(sum(t.sum() for t in fast), (f, parameter)),
+                    torch.autograd.grad(sum(t.sum() for t in through_op), (f, parameter))):
+        assert torch.equal(a, b)
 
 
 @needs_cpp
