@@ -1,8 +1,9 @@
 """Host side of the "cpp" backend: allocates outputs with torch and calls the C++ kernels (fbkernels._C_avx2 or _C).
 
 All functions take the canonical layout of fbkernels.ops: contiguous [B, d, N] tensors of one dtype on the CPU.
-Each call fills one parameter struct (fbkernels/_params.py: pointers, sizes, dtype code, thread count, which
-gradients to write) and calls one compiled entry per op and pass. The kernels run on PyTorch's own OpenMP thread
+Each call fills one parameter struct (fbkernels/_params.py: sizes, dtype code, thread count; then pointers and which
+gradients to write, assigned field by field here: a call on small maps takes microseconds, and the generic keyword
+fill costs a few more) and calls one compiled entry per op and pass. The kernels run on PyTorch's own OpenMP thread
 pool, with ``torch.get_num_threads()`` threads; their results do not depend on the thread count.
 """
 from __future__ import annotations
@@ -61,11 +62,19 @@ def _context_gate_params(like, alpha, **fields):
     return context_gate_params(_C, like, alpha, num_threads=max(1, torch.get_num_threads()), **fields)
 
 
+def _pointer(t):
+    """A tensor's data pointer, 0 (absent) for None."""
+    return 0 if t is None else t.data_ptr()
+
+
 def feedback_step_forward(h, f, decay, num_feedback):
     B, d, N = h.shape
     h_next = torch.empty_like(h)
     v = torch.empty((B, num_feedback, N), dtype=h.dtype, device=h.device)
-    _C.feedback_step_forward(_feedback_step_params(h, num_feedback, h=h, f=f, decay=decay, h_next=h_next, v=v))
+    params = _feedback_step_params(h, num_feedback)
+    params.h, params.f, params.decay = h.data_ptr(), f.data_ptr(), decay.data_ptr()
+    params.h_next, params.v = h_next.data_ptr(), v.data_ptr()
+    _C.feedback_step_forward(params)
     return h_next, v
 
 
@@ -76,16 +85,20 @@ def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback, needs_grad
     grad_h_in = torch.empty_like(f) if need_h else None
     grad_f = torch.empty_like(f) if need_f else None
     grad_decay = torch.empty_like(decay) if need_decay else None
-    _C.feedback_step_backward(_feedback_step_params(
-        f, num_feedback, f=f, v=v, decay=decay, grad_h_next=grad_h, grad_v=grad_v,
-        grad_h=grad_h_in, grad_f=grad_f, grad_decay=grad_decay, need_grad_h=need_h, need_grad_f=need_f,
-        need_grad_decay=need_decay))
+    params = _feedback_step_params(f, num_feedback)
+    params.f, params.v, params.decay = f.data_ptr(), v.data_ptr(), decay.data_ptr()
+    params.grad_h_next, params.grad_v = _pointer(grad_h), _pointer(grad_v)
+    params.grad_h, params.grad_f, params.grad_decay = _pointer(grad_h_in), _pointer(grad_f), _pointer(grad_decay)
+    params.need_grad_h, params.need_grad_f, params.need_grad_decay = need_h, need_f, need_decay
+    _C.feedback_step_backward(params)
     return grad_h_in, grad_f, grad_decay
 
 
 def context_gate_forward(h, gate_logits, alpha):
     out = torch.empty_like(h)
-    _C.context_gate_forward(_context_gate_params(h, alpha, h=h, gate_logits=gate_logits, out=out))
+    params = _context_gate_params(h, alpha)
+    params.h, params.gate_logits, params.out = h.data_ptr(), gate_logits.data_ptr(), out.data_ptr()
+    _C.context_gate_forward(params)
     return out
 
 
@@ -94,7 +107,9 @@ def context_gate_backward(grad_out, h, gate_logits, alpha, needs_grad=(True, Tru
     need_h, need_gate = (bool(flag) for flag in needs_grad)
     grad_h = torch.empty_like(h) if need_h else None
     grad_gate_logits = torch.empty_like(gate_logits) if need_gate else None
-    _C.context_gate_backward(_context_gate_params(
-        h, alpha, grad_out=grad_out, h=h, gate_logits=gate_logits, grad_h=grad_h,
-        grad_gate_logits=grad_gate_logits, need_grad_h=need_h, need_grad_gate_logits=need_gate))
+    params = _context_gate_params(h, alpha)
+    params.grad_out, params.h, params.gate_logits = grad_out.data_ptr(), h.data_ptr(), gate_logits.data_ptr()
+    params.grad_h, params.grad_gate_logits = _pointer(grad_h), _pointer(grad_gate_logits)
+    params.need_grad_h, params.need_grad_gate_logits = need_h, need_gate
+    _C.context_gate_backward(params)
     return grad_h, grad_gate_logits

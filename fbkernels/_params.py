@@ -21,12 +21,9 @@ def dtype_code(t: torch.Tensor) -> int:
 
 
 def _fill(params, fields: dict):
+    # One expression per field: this runs on every kernel call, and small kernels take only microseconds.
     for name, value in fields.items():
-        if isinstance(value, torch.Tensor):
-            value = value.data_ptr()
-        elif value is None:
-            value = 0
-        setattr(params, name, value)
+        setattr(params, name, value.data_ptr() if isinstance(value, torch.Tensor) else 0 if value is None else value)
     return params
 
 

@@ -3,13 +3,16 @@
 ``backend=None`` picks the preferred available backend for the tensors' device (``FBKERNELS_BACKEND``
 overrides that choice); an explicit backend that cannot run gets an error naming what is missing.
 Availability is probed on first use, once per (backend, device, interpreter mode), never at import: importing
-fbkernels must not initialise CUDA (a process that forks after importing would break its children).
+fbkernels must not initialise CUDA (a process that forks after importing would break its children). Every op call
+resolves its backend, so the result is memoised per (requested name, device, dtype) next to the probe results;
+the environment variable is still read on each call.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -138,7 +141,10 @@ def unavailable_reason(name: str, device="cpu") -> str | None:
     _check_name(name, "backend")
     device = torch.device(device)
     index = -1 if device.index is None else device.index
-    return _cached_reason(name, device.type, index, triton_interpreting()) or None
+    # Only triton's availability depends on the interpreter mode; not reading the variable for the others saves an
+    # environment lookup per op call.
+    interpreting = triton_interpreting() if name == "triton" else False
+    return _cached_reason(name, device.type, index, interpreting) or None
 
 
 def available_backends(device="cpu") -> list[str]:
@@ -146,12 +152,32 @@ def available_backends(device="cpu") -> list[str]:
     return [name for name in BACKENDS if unavailable_reason(name, device) is None]
 
 
+# Successful resolutions by (requested name or None, device, dtype, triton interpreter mode), valid for the probe
+# results in _RESOLVED_FROM: replacing _REASONS (as tests do to probe again) starts a new memo. Errors are not kept.
+_RESOLVED: dict[tuple, str] = {}
+_RESOLVED_FROM: dict | None = None
+
+
 def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """The backend an op call on (device, dtype) runs: the given one, else FBKERNELS_BACKEND, else the preferred."""
+    global _RESOLVED, _RESOLVED_FROM
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    from_environment = backend is None
-    explicit = (os.environ.get(ENVIRONMENT_VARIABLE) or None) if from_environment else backend
+    explicit = (os.environ.get(ENVIRONMENT_VARIABLE) or None) if backend is None else backend
+    if torch.compiler.is_compiling():  # Dynamo traces the resolution itself and keeps its result as a constant
+        return _resolve(explicit, backend is None, device, dtype)
+    if _RESOLVED_FROM is not _REASONS:
+        _RESOLVED, _RESOLVED_FROM = {}, _REASONS
+    key = (explicit, device, dtype, triton_interpreting() if explicit == "triton" else False)
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = _resolve(explicit, backend is None, device, dtype)
+    return name
+
+
+def _resolve(explicit: str | None, from_environment: bool, device: torch.device, dtype: torch.dtype) -> str:
+    """resolve_backend's work: check the name ``explicit`` (None: choose the preferred one), given by the argument or
+    (``from_environment``) by FBKERNELS_BACKEND, against (device, dtype)."""
     device_type = device.type
     if explicit is not None:
         named_by = f"the backend named by the environment variable {ENVIRONMENT_VARIABLE}"
@@ -177,16 +203,16 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
     return "eager"
 
 
+_HOST_MODULES = {"eager": "fbkernels._reference", "cpp": "fbkernels._cpp", "cuda": "fbkernels._cuda",
+                 "triton": "fbkernels.triton"}
+
+
 def host_module(name: str) -> ModuleType:
     """The module holding backend ``name``'s host functions: feedback_step_forward/_backward and
     context_gate_forward/_backward with the signatures of the eager reference in fbkernels/ops/feedback_step.py and
     fbkernels/ops/context_gate.py, on contiguous [B, d, N] tensors."""
-    if name == "eager":
-        return importlib.import_module("fbkernels._reference")
-    if name == "cpp":
-        return importlib.import_module("fbkernels._cpp")
-    if name == "cuda":
-        return importlib.import_module("fbkernels._cuda")
-    if name == "triton":
-        return importlib.import_module("fbkernels.triton")
-    raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
+    module_name = _HOST_MODULES.get(name)
+    if module_name is None:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")
+    # sys.modules first: every op call asks, and import_module costs more than the lookup once it is loaded.
+    return sys.modules.get(module_name) or importlib.import_module(module_name)

@@ -5,12 +5,16 @@ TRITON_INTERPRET=1), and eager, cuda and triton on CUDA tensors when a GPU is vi
 table, with expected values from the eager op in float64, the tolerance policy of _compare.py, and every allocation
 inside the op call pre-filled with NaN.
 """
+import contextlib
 import math
 import sys
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.library import opcheck
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fbkernels
 from fbkernels import _reference
@@ -576,3 +580,251 @@ def test_unknown_backend_and_bad_decay_matrix_inputs():
         fbkernels.decay_matrix(eye, eye, torch.ones(4), 1.0, 1.0)
     with pytest.raises(TypeError, match="tau"):
         fbkernels.decay_matrix(eye, eye, torch.ones(3), 1.0, "1")
+
+
+# ---------------------------------------------------------------- the eager fast path
+# Plain eager calls on the cpp backend skip the custom op (ops/_checks.py fast_path) and run its host functions through
+# an autograd.Function with the op's own setup_context and backward. Everything that needs the op must still see it.
+
+needs_cpp = pytest.mark.skipif("cpp" not in ALL_CPU, reason="fbkernels._C not built")
+FAST_PATH_NODES = {"_FeedbackStepFunctionBackward", "_ContextGateFunctionBackward"}
+
+
+class _RecordingMode(TorchDispatchMode):
+    """Records the ops that reach the dispatcher's Python key (so the op path, not the fast path, runs under it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _grads_by_path(run, inputs, needs_grad):
+    """(outputs, gradients of the inputs that require grad, the grad_fn name, the ops recorded) for ``run(*inputs)``
+    on the fast path and through the custom op (under a pass-through TorchDispatchMode)."""
+    results = {}
+    for path in ("fast", "op"):
+        leaves = [t.detach().clone().requires_grad_(needed) for t, needed in zip(inputs, needs_grad)]
+        mode = _RecordingMode()
+        with mode if path == "op" else contextlib.nullcontext():
+            outputs, loss = run(*leaves)
+            wanted = [t for t in leaves if t.requires_grad]
+            grads = torch.autograd.grad(loss, wanted) if wanted else ()
+        node = next((type(out.grad_fn).__name__ for out in outputs if out.grad_fn is not None), None)
+        results[path] = outputs, grads, node, mode.ops
+    return results
+
+
+def _assert_bitwise_equal(results):
+    (fast_outputs, fast_grads, fast_node, _), (op_outputs, op_grads, op_node, op_ops) = results["fast"], results["op"]
+    assert len(fast_grads) == len(op_grads)
+    for a, b in zip((*fast_outputs, *fast_grads), (*op_outputs, *op_grads)):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert fast_node is None or fast_node in FAST_PATH_NODES, fast_node
+    assert op_node is None or op_node not in FAST_PATH_NODES, op_node
+    return op_ops
+
+
+@needs_cpp
+@pytest.mark.parametrize("use", [("h",), ("v",), ("h", "v")], ids="+".join)
+@pytest.mark.parametrize("needs_grad", [(h, f, d) for h in (0, 1) for f in (0, 1) for d in (0, 1)],
+                         ids=lambda flags: "".join(n for n, on in zip("hfd", flags) if on) or "none")
+@pytest.mark.parametrize("spatial", [(3, 4), (7,)], ids=["4d", "3d"])
+def test_feedback_step_fast_path_matches_the_custom_op_bitwise(spatial, needs_grad, use):
+    """Every needs_input_grad combination (a frozen decay, h(0) without gradient) and either output alone."""
+    inputs = _feedback_inputs(2, 5, spatial, F32, requires_grad=False)
+    weights = [torch.randn(2, 5, *spatial), torch.randn(2, 2, *spatial)]
+
+    def run(h, f, decay):
+        h_next, v = fbkernels.feedback_step(h, f, decay, 2, backend="cpp")
+        used = {"h": (h_next * weights[0]).sum(), "v": (v * weights[1]).sum()}
+        return (h_next, v), sum(used[name] for name in use)
+
+    op_ops = _assert_bitwise_equal(_grads_by_path(run, inputs, tuple(map(bool, needs_grad))))
+    assert "fbkernels.feedback_step.default" in op_ops
+    assert ("fbkernels.feedback_step_backward.default" in op_ops) == any(needs_grad)
+
+
+@needs_cpp
+@pytest.mark.parametrize("needs_grad", [(0, 0), (1, 0), (0, 1), (1, 1)], ids=["none", "h", "gate", "h+gate"])
+@pytest.mark.parametrize("spatial", [(3, 5), (7,), ()], ids=["4d", "3d", "2d"])
+def test_context_gate_fast_path_matches_the_custom_op_bitwise(spatial, needs_grad):
+    inputs = [t.detach() for t in _gate_inputs(2, 4, spatial, F32)]
+    weight = torch.randn(2, 4, *spatial)
+
+    def run(h, gate_logits):
+        out = fbkernels.context_gate(h, gate_logits, 0.3, backend="cpp")
+        return (out,), (out * weight).sum()
+
+    op_ops = _assert_bitwise_equal(_grads_by_path(run, inputs, tuple(map(bool, needs_grad))))
+    assert "fbkernels.context_gate.default" in op_ops
+    assert ("fbkernels.context_gate_backward.default" in op_ops) == any(needs_grad)
+
+
+@needs_cpp
+def test_fast_path_runs_without_the_custom_op_and_with_the_requested_gradients_only():
+    """The fast path's autograd node is the op's own; an input without requires_grad gets no gradient, and a call
+    without gradients builds no node at all."""
+    h, f, decay = _feedback_inputs(2, 5, (3,), F32, requires_grad=False)
+    f.requires_grad_()
+    h_next, v = fbkernels.feedback_step(h, f, decay, 2, backend="cpp")
+    assert type(h_next.grad_fn).__name__ == "_FeedbackStepFunctionBackward"
+    v.sum().backward()
+    assert h.grad is None and decay.grad is None and f.grad is not None
+    with torch.no_grad():
+        assert fbkernels.feedback_step(h, f, decay, 2, backend="cpp")[0].grad_fn is None
+    gate_h, gate_logits = _gate_inputs(2, 4, (3,), F32)
+    assert type(fbkernels.context_gate(gate_h, gate_logits, 0.5, backend="cpp").grad_fn).__name__ == \
+        "_ContextGateFunctionBackward"
+    # The eager backend keeps the custom op path.
+    assert type(fbkernels.feedback_step(h, f, decay, 2, backend="eager")[0].grad_fn).__name__ not in FAST_PATH_NODES
+    # A model's decay is an nn.Parameter, which the fast path takes as a plain tensor; the results stay the op's.
+    parameter = torch.nn.Parameter(decay.clone())
+    fast = fbkernels.feedback_step(h, f, parameter, 2, backend="cpp")
+    assert type(fast[0].grad_fn).__name__ == "_FeedbackStepFunctionBackward"
+    with _RecordingMode():
+        through_op = fbkernels.feedback_step(h, f, parameter, 2, backend="cpp")
+    for a, b in zip(torch.autograd.grad(sum(t.sum() for t in fast), (f, parameter)),
+                    torch.autograd.grad(sum(t.sum() for t in through_op), (f, parameter))):
+        assert torch.equal(a, b)
+
+
+@needs_cpp
+def test_fast_path_double_backward_names_eager():
+    h, f, decay = _feedback_inputs(2, 4, (3,), F64)
+    h_next, v = fbkernels.feedback_step(h, f, decay, 2, backend="cpp")
+    assert type(h_next.grad_fn).__name__ in FAST_PATH_NODES
+    grad_f, = torch.autograd.grad(h_next.sum() + v.square().sum(), f, create_graph=True)
+    with pytest.raises(RuntimeError, match="backend 'cpp' has no double backward.*backend='eager'"):
+        grad_f.square().sum().backward()
+    gate_h, gate_logits = _gate_inputs(2, 3, (4,), F64)
+    out = fbkernels.context_gate(gate_h, gate_logits, 0.3, backend="cpp")
+    assert type(out.grad_fn).__name__ in FAST_PATH_NODES
+    grad_h, = torch.autograd.grad(out.square().sum(), gate_h, create_graph=True)
+    with pytest.raises(RuntimeError, match="backend 'cpp' has no double backward.*backend='eager'"):
+        grad_h.sum().backward()
+
+
+@needs_cpp
+def test_fake_tensors_and_function_modes_go_through_the_custom_op():
+    """FakeTensorMode (the fast path would read the fake tensors' data) and a TorchFunctionMode see the op."""
+    with FakeTensorMode():
+        h, f, decay = torch.empty(2, 5, 3, 4), torch.empty(2, 5, 3, 4), torch.empty(5, 5)
+        h_next, v = fbkernels.feedback_step(h, f, decay, 2, backend="cpp")
+        out = fbkernels.context_gate(h, torch.empty(2, 5), 0.5, backend="cpp")
+    assert all(isinstance(t, FakeTensor) for t in (h_next, v, out))
+    assert h_next.shape == (2, 5, 3, 4) and v.shape == (2, 2, 3, 4) and out.shape == (2, 5, 3, 4)
+
+    class RecordingFunctionMode(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.funcs = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.funcs.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    h, f, decay = _feedback_inputs(2, 5, (3,), F32)
+    with RecordingFunctionMode() as mode:
+        h_next, _ = fbkernels.feedback_step(h, f, decay, 2, backend="cpp")
+    assert "fbkernels.feedback_step.default" in mode.funcs
+    assert type(h_next.grad_fn).__name__ not in FAST_PATH_NODES
+
+
+@needs_cpp
+def test_torch_compile_graph_holds_the_custom_ops():
+    captured = []
+
+    def capture(graph_module, example_inputs):
+        captured.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    h, f, decay = _feedback_inputs(2, 6, (5, 4), F32)
+    gate = torch.randn(2, 6)
+    run = _two_steps("cpp")
+    got = torch.compile(run, backend=capture, fullgraph=True)(h, f, decay, gate)
+    assert "fbkernels.feedback_step.default" in captured and "fbkernels.context_gate.default" in captured
+    assert torch.equal(got, run(h, f, decay, gate))
+
+
+@needs_cpp
+def test_profiler_names_the_custom_ops():
+    h, f, decay = _feedback_inputs(2, 5, (3,), F32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        h_next, v = fbkernels.feedback_step(h, f, decay, 2, backend="cpp")
+        (h_next.sum() + v.sum()).backward()
+    names = {event.name for event in profile.events()}
+    assert {"fbkernels::feedback_step", "fbkernels::feedback_step_backward"} <= names, sorted(names)
+
+
+@needs_cpp
+def test_backend_memo_follows_the_environment_variable_and_keeps_no_errors(monkeypatch):
+    """Resolutions are memoised, but a changed FBKERNELS_BACKEND takes effect at the next call, and a failing
+    resolution fails again with the same error."""
+    h, f, decay = _feedback_inputs(1, 4, (3,), F32)
+    monkeypatch.delenv("FBKERNELS_BACKEND", raising=False)
+    assert type(fbkernels.feedback_step(h, f, decay, 2)[0].grad_fn).__name__ in FAST_PATH_NODES
+    monkeypatch.setenv("FBKERNELS_BACKEND", "eager")
+    assert type(fbkernels.feedback_step(h, f, decay, 2)[0].grad_fn).__name__ not in FAST_PATH_NODES
+    monkeypatch.setenv("FBKERNELS_BACKEND", "cuda")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="FBKERNELS_BACKEND='cuda' is not available for cpu tensors"):
+            fbkernels.feedback_step(h, f, decay, 2)
+    monkeypatch.delenv("FBKERNELS_BACKEND")
+    half = [t.detach().half() for t in (h, f, decay)]
+    for _ in range(2):
+        with pytest.raises(TypeError, match="backend 'cpp' supports dtypes"):
+            fbkernels.feedback_step(*half, 2, backend="cpp")
+    assert type(fbkernels.feedback_step(h, f, decay, 2)[0].grad_fn).__name__ in FAST_PATH_NODES
+
+
+@needs_cpp
+@pytest.mark.parametrize("use", ["h_next", "v"])
+def test_fast_path_passes_an_unused_outputs_gradient_as_none(use, monkeypatch):
+    """set_materialize_grads(False) holds on the fast path too: the kernels get no zero tensor to read."""
+    cpp, received = host_module("cpp"), []
+    backward = cpp.feedback_step_backward
+
+    def recording_backward(grad_h, grad_v, *args):
+        received.append((grad_h is None, grad_v is None))
+        return backward(grad_h, grad_v, *args)
+
+    monkeypatch.setattr(cpp, "feedback_step_backward", recording_backward)
+    h, f, decay = _feedback_inputs(2, 5, (3,), F32)
+    h_next, v = fbkernels.feedback_step(h, f, decay, 2, backend="cpp")
+    assert type(h_next.grad_fn).__name__ in FAST_PATH_NODES
+    (h_next if use == "h_next" else v).sum().backward()
+    assert received == [(use == "v", use == "h_next")]
+
+
+@needs_cpp
+def test_jit_trace_records_the_custom_ops():
+    """torch.jit.trace records the op (the fast path's kernel call would be invisible to it, leaving a wrong trace)."""
+    h, f, decay = (t.detach() for t in _feedback_inputs(2, 5, (3, 4), F32))
+    gate = torch.randn(2, 5)
+
+    def run(h, f, decay, gate):
+        h_next, v = fbkernels.feedback_step(h, f, decay, 2, backend="cpp")
+        return fbkernels.context_gate(h_next, gate, 0.5, backend="cpp"), v
+
+    traced = torch.jit.trace(run, (h, f, decay, gate), check_trace=False)
+    graph = str(traced.graph)
+    assert "fbkernels::feedback_step" in graph and "fbkernels::context_gate" in graph, graph
+    h2, f2 = torch.randn_like(h), torch.randn_like(f)
+    for a, b in zip(traced(h2, f2, decay, gate), run(h2, f2, decay, gate)):
+        assert torch.equal(a, b)
+
+
+@needs_cpp
+def test_vmap_goes_through_the_custom_op():
+    """Under vmap the op runs per sample through the custom op's batching fallback (the fast path would hand the
+    kernels a batched tensor's storage)."""
+    h, f, decay = torch.randn(3, 2, 4, 5), torch.randn(2, 4, 5), torch.randn(4, 4)
+    batched = torch.func.vmap(lambda x: fbkernels.feedback_step(x, f, decay, 2, backend="cpp")[1])(h)
+    for i in range(3):
+        assert torch.equal(batched[i], fbkernels.feedback_step(h[i], f, decay, 2, backend="cpp")[1])

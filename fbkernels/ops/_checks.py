@@ -1,6 +1,6 @@
 """What the op modules share: input checks for the public functions, the canonical [B, d, N] layout, the dtype the
-reference computes in, the empty stand-in for a gradient autograd did not ask for, and the autocast rule that
-casts an op's other tensors to its state's dtype."""
+reference computes in, the empty stand-in for a gradient autograd did not ask for, the autocast rule that
+casts an op's other tensors to its state's dtype, and the test for a plain eager call that may skip the custom op."""
 from __future__ import annotations
 
 import math
@@ -40,12 +40,16 @@ def check_like_state(name: str, value: Tensor, state_name: str, state: Tensor) -
 
 
 def check_int(name: str, value) -> None:
+    if type(value) is int:  # the common case, without the slower abstract-class check below
+        return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
 def canonical(x: Tensor) -> Tensor:
     """[B, d, *S] -> contiguous [B, d, N], N = prod(S) (written out: -1 is ambiguous for a batch of 0)."""
+    if x.dim() == 3:  # already [B, d, N]: no reshape, which costs more than the small kernels' work
+        return x.contiguous()
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).contiguous()
 
 
@@ -71,6 +75,38 @@ def unaliased(x: Tensor, *inputs: Tensor | None) -> Tensor:
                          for t in inputs):
         return x.clone()
     return x
+
+
+# nn.Parameter is the one subclass that behaves as a plain tensor (its __torch_function__ is disabled).
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+# The backends whose plain eager calls skip their custom op. "eager" is the reference and keeps the one path; the
+# GPU backends are not measured on this path yet.
+FAST_PATH_BACKENDS = ("cpp",)
+
+
+def fast_path(backend: str, *tensors: Tensor | None) -> bool:
+    """Whether an op call on ``backend`` may run its host functions directly instead of through its custom op (the
+    same functions, without torch.library's dispatcher layers): a backend of FAST_PATH_BACKENDS in plain eager
+    PyTorch, with no torch.compile or torch.jit.trace tracing, TorchDispatchMode (FakeTensorMode, make_fx) or
+    TorchFunctionMode, functorch transform (vmap, grad), autocast (its rule is registered on the custom op) or autograd
+    profiler (whose traces name the custom op) active, on plain tensors (no subclasses such as FakeTensor; None stands
+    for an absent gradient)."""
+    if backend not in FAST_PATH_BACKENDS:
+        return False
+    # is_compiling() first: Dynamo reads it as the constant True and traces none of the torch._C queries after it.
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._len_torch_function_stack()
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._is_any_autocast_enabled()
+        or torch._C._autograd._profiler_enabled()
+        or torch._C._is_tracing()
+    ):
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
 
 
 def register_autocast_to_state_dtype(qualname: str, cast_to_state: Callable[[tuple], tuple]) -> None:

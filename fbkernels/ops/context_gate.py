@@ -11,8 +11,9 @@ Backward, from g = dL/dout:
 
 In order below: input validation, the eager reference (the "eager" backend's host functions), the custom ops
 ``fbkernels::context_gate`` and ``fbkernels::context_gate_backward`` with their fake implementations, autograd, the
-autocast rule, and the public function. The fused backends provide host functions with the reference's
-signatures, on the canonical contiguous [B, C, N] layout.
+autocast rule, the eager fast path (plain eager calls on the cpp backend run the custom op's host calls and autograd
+functions without its dispatcher layers), and the public function. The fused backends provide host functions with
+the reference's signatures, on the canonical contiguous [B, C, N] layout.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ._checks import (
     check_like_state,
     check_tensor,
     compute_dtype,
+    fast_path,
     register_autocast_to_state_dtype,
     unaliased,
     unrequested,
@@ -81,9 +83,26 @@ def context_gate_backward(
 # ---------------------------------------------------------------- custom ops and their fake implementations
 # As for feedback_step, the backend is an op argument that context_gate() resolves before the call.
 
+def _forward_on_host(h: Tensor, gate_logits: Tensor, alpha: float, backend: str) -> Tensor:
+    """The forward op's body, which the eager fast path also runs: backend's host function on the canonical layout."""
+    out = host_module(backend).context_gate_forward(canonical(h), gate_logits.contiguous(), alpha)
+    return out if h.dim() == 3 else out.reshape(*h.shape)
+
+
+def _backward_on_host(grad_out, h, gate_logits, alpha, backend, needs_grad) -> tuple[Tensor | None, Tensor | None]:
+    """The backward op's body, which the eager fast path also runs (the op adds its own contract: no output
+    aliasing an input, an empty tensor for an absent gradient): (dL/dh, dL/dgate_logits), None where
+    ``needs_grad`` leaves a gradient out."""
+    grad_h, grad_gate = host_module(backend).context_gate_backward(
+        canonical(grad_out), canonical(h), gate_logits.contiguous(), alpha, tuple(needs_grad)
+    )
+    return ((grad_h if h.dim() == 3 else grad_h.reshape(*h.shape)) if needs_grad[0] else None,
+            grad_gate if needs_grad[1] else None)
+
+
 @torch.library.custom_op("fbkernels::context_gate", mutates_args=())
 def _context_gate_op(h: Tensor, gate_logits: Tensor, alpha: float, backend: str) -> Tensor:
-    return host_module(backend).context_gate_forward(canonical(h), gate_logits.contiguous(), alpha).reshape(h.shape)
+    return _forward_on_host(h, gate_logits, alpha, backend)
 
 
 @_context_gate_op.register_fake
@@ -96,13 +115,9 @@ def _context_gate_backward_op(
     grad_out: Tensor, h: Tensor, gate_logits: Tensor, alpha: float, backend: str, needs_grad: list[bool]
 ) -> tuple[Tensor, Tensor]:
     """(dL/dh, dL/dgate_logits); an empty tensor for each gradient that ``needs_grad`` leaves out."""
-    grad_h, grad_gate = host_module(backend).context_gate_backward(
-        canonical(grad_out), canonical(h), gate_logits.contiguous(), alpha, tuple(needs_grad)
-    )
-    return (
-        unaliased(grad_h.reshape(h.shape), grad_out) if needs_grad[0] else unrequested(h),
-        grad_gate if needs_grad[1] else unrequested(gate_logits),
-    )
+    grad_h, grad_gate = _backward_on_host(grad_out, h, gate_logits, alpha, backend, needs_grad)
+    return (unrequested(h) if grad_h is None else unaliased(grad_h, grad_out),
+            unrequested(gate_logits) if grad_gate is None else grad_gate)
 
 
 @_context_gate_backward_op.register_fake
@@ -128,6 +143,10 @@ def _backward(ctx, grad_out):
         return None, None, None, None
     if ctx.backend == "eager":
         grads = context_gate_backward(grad_out, h, gate_logits, ctx.alpha, needs_grad)
+    elif not torch.is_grad_enabled() and fast_path(ctx.backend, grad_out, h, gate_logits):
+        # Without create_graph nothing differentiates these gradients: the backward op, which raises on a
+        # double backward, is not needed.
+        grads = _backward_on_host(grad_out, h, gate_logits, ctx.alpha, ctx.backend, needs_grad)
     else:
         grads = torch.ops.fbkernels.context_gate_backward.default(
             grad_out, h, gate_logits, ctx.alpha, ctx.backend, list(needs_grad)
@@ -163,6 +182,21 @@ def _cast_to_state(args):
 register_autocast_to_state_dtype("fbkernels::context_gate", _cast_to_state)
 
 
+# ---------------------------------------------------------------- eager fast path
+# As for feedback_step: plain eager calls skip torch.library's Python layers, through an autograd.Function with the
+# op's own _setup_context and _backward.
+
+class _ContextGateFunction(torch.autograd.Function):
+    # forward(ctx, ...): with a separate setup_context, Function.apply would inspect the signature on every call.
+    @staticmethod
+    def forward(ctx, h, gate_logits, alpha, backend):
+        output = _forward_on_host(h, gate_logits, alpha, backend)
+        _setup_context(ctx, (h, gate_logits, alpha, backend), output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
 # ---------------------------------------------------------------- public function
 
 def context_gate(h: Tensor, gate_logits: Tensor, alpha: float, *, backend: str | None = None) -> Tensor:
@@ -173,4 +207,9 @@ def context_gate(h: Tensor, gate_logits: Tensor, alpha: float, *, backend: str |
     """
     _check_inputs(h, gate_logits, alpha)
     name = resolve_backend(backend, h.device, h.dtype)
-    return torch.ops.fbkernels.context_gate.default(h, gate_logits, float(alpha), name)
+    alpha = float(alpha)
+    if fast_path(name, h, gate_logits):
+        if torch.is_grad_enabled() and (h.requires_grad or gate_logits.requires_grad):
+            return _ContextGateFunction.apply(h, gate_logits, alpha, name)
+        return _forward_on_host(h, gate_logits, alpha, name)
+    return torch.ops.fbkernels.context_gate.default(h, gate_logits, alpha, name)

@@ -12,8 +12,10 @@ Backward, from upstream g_h = dL/dh_next and g_v = dL/dv (either may be absent):
 
 In order below: input validation, the eager reference (the "eager" backend's host functions), the custom ops
 ``fbkernels::feedback_step`` and ``fbkernels::feedback_step_backward`` with their fake implementations, autograd,
-the autocast rule, and the public function. The fused backends (fbkernels/_cpp.py, _cuda.py, triton/) provide host
-functions with the reference's signatures, on the canonical contiguous [B, d, N] layout.
+the autocast rule, the eager fast path (plain eager calls on the cpp backend run the custom op's host calls and
+autograd functions without its dispatcher layers), and the public function. The fused backends (fbkernels/_cpp.py,
+_cuda.py, triton/) provide host functions with the reference's signatures, on the canonical contiguous [B, d, N]
+layout.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from ._checks import (
     check_like_state,
     check_tensor,
     compute_dtype,
+    fast_path,
     flat,
     register_autocast_to_state_dtype,
     unaliased,
@@ -93,10 +96,29 @@ def feedback_step_backward(
 # The backend name is an argument of the op: on one device several backends can run the op (eager and cpp on CPU),
 # which dispatch keys cannot tell apart. feedback_step() resolves it before the call, so a graph holds a constant.
 
+def _forward_on_host(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int, backend: str) -> tuple[Tensor, Tensor]:
+    """The forward op's body, which the eager fast path also runs: backend's host function on the canonical layout."""
+    h_next, v = host_module(backend).feedback_step_forward(canonical(h), canonical(f), decay.contiguous(), num_feedback)
+    if h.dim() == 3:
+        return h_next, v
+    return h_next.reshape(*h.shape), v.reshape(h.shape[0], num_feedback, *h.shape[2:])
+
+
+def _backward_on_host(grad_h, grad_v, f, v, decay, num_feedback, backend, needs_grad) -> tuple[Tensor | None, ...]:
+    """The backward op's body, which the eager fast path also runs (the op adds its own contract: no output
+    aliasing an input, an empty tensor for an absent gradient): (dL/dh, dL/df, dL/ddecay), None where
+    ``needs_grad`` leaves a gradient out."""
+    grads = host_module(backend).feedback_step_backward(
+        None if grad_h is None else canonical(grad_h), None if grad_v is None else canonical(grad_v),
+        canonical(f), canonical(v), decay.contiguous(), num_feedback, tuple(needs_grad),
+    )
+    return tuple((grad if grad.dim() == like.dim() else grad.reshape(*like.shape)) if needed else None
+                 for grad, needed, like in zip(grads, needs_grad, (f, f, decay)))
+
+
 @torch.library.custom_op("fbkernels::feedback_step", mutates_args=())
 def _feedback_step_op(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int, backend: str) -> tuple[Tensor, Tensor]:
-    h_next, v = host_module(backend).feedback_step_forward(canonical(h), canonical(f), decay.contiguous(), num_feedback)
-    return h_next.reshape(h.shape), v.reshape(h.shape[0], num_feedback, *h.shape[2:])
+    return _forward_on_host(h, f, decay, num_feedback, backend)
 
 
 @_feedback_step_op.register_fake
@@ -110,15 +132,9 @@ def _feedback_step_backward_op(
     backend: str, needs_grad: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dL/dh, dL/df, dL/ddecay); an empty tensor for each gradient that ``needs_grad`` leaves out."""
-    grads = host_module(backend).feedback_step_backward(
-        None if grad_h is None else canonical(grad_h), None if grad_v is None else canonical(grad_v),
-        canonical(f), canonical(v), decay.contiguous(), num_feedback, tuple(needs_grad),
-    )
-    shapes = (f.shape, f.shape, decay.shape)
-    return tuple(
-        unaliased(grad.reshape(shape), grad_h, grad_v) if needed else unrequested(like)
-        for grad, needed, shape, like in zip(grads, needs_grad, shapes, (f, f, decay))
-    )
+    grads = _backward_on_host(grad_h, grad_v, f, v, decay, num_feedback, backend, needs_grad)
+    return tuple(unrequested(like) if grad is None else unaliased(grad, grad_h, grad_v)
+                 for grad, like in zip(grads, (f, f, decay)))
 
 
 @_feedback_step_backward_op.register_fake
@@ -145,6 +161,10 @@ def _backward(ctx, grad_h_next, grad_v):
         return None, None, None, None, None
     if ctx.backend == "eager":
         grads = feedback_step_backward(grad_h_next, grad_v, f, v, decay, ctx.num_feedback, needs_grad)
+    elif not torch.is_grad_enabled() and fast_path(ctx.backend, grad_h_next, grad_v, f, v, decay):
+        # Without create_graph nothing differentiates these gradients: the backward op, which raises on a
+        # double backward, is not needed.
+        grads = _backward_on_host(grad_h_next, grad_v, f, v, decay, ctx.num_feedback, ctx.backend, needs_grad)
     else:
         grads = torch.ops.fbkernels.feedback_step_backward.default(
             grad_h_next, grad_v, f, v, decay, ctx.num_feedback, ctx.backend, list(needs_grad)
@@ -180,6 +200,23 @@ def _cast_to_state(args):
 register_autocast_to_state_dtype("fbkernels::feedback_step", _cast_to_state)
 
 
+# ---------------------------------------------------------------- eager fast path
+# A custom op call costs tens of microseconds in torch.library's Python layers, as much as the cpp kernels take on
+# small maps. Plain eager calls (fast_path in ops/_checks.py) skip them: the same host function, and with gradients
+# an autograd.Function with the op's own _setup_context and _backward, so both paths give bitwise the same results.
+
+class _FeedbackStepFunction(torch.autograd.Function):
+    # forward(ctx, ...) rather than a separate setup_context: Function.apply binds default arguments by inspecting
+    # the signature when setup_context is defined, which costs more than the rest of the call.
+    @staticmethod
+    def forward(ctx, h, f, decay, num_feedback, backend):
+        output = _forward_on_host(h, f, decay, num_feedback, backend)
+        _setup_context(ctx, (h, f, decay, num_feedback, backend), output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
 # ---------------------------------------------------------------- public function
 
 def feedback_step(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int, *, backend: str | None = None):
@@ -191,4 +228,9 @@ def feedback_step(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int, *, bac
     """
     _check_inputs(h, f, decay, num_feedback)
     name = resolve_backend(backend, h.device, h.dtype)
-    return torch.ops.fbkernels.feedback_step.default(h, f, decay, int(num_feedback), name)
+    num_feedback = int(num_feedback)
+    if fast_path(name, h, f, decay):
+        if torch.is_grad_enabled() and (h.requires_grad or f.requires_grad or decay.requires_grad):
+            return _FeedbackStepFunction.apply(h, f, decay, num_feedback, name)
+        return _forward_on_host(h, f, decay, num_feedback, name)
+    return torch.ops.fbkernels.feedback_step.default(h, f, decay, num_feedback, name)
