@@ -84,7 +84,7 @@ int64_t context_gate_forward(const ContextGateParams& p) {
   const int64_t N = p.N;
   const T blend = static_cast<T>(p.alpha);
   const bool stream = streaming_pays(2 * p.B * p.C * N * static_cast<int64_t>(sizeof(T)));  // reads h, writes out
-  advise_huge_pages(out, p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
+  prepare_output(out, p.B * p.C * N * static_cast<int64_t>(sizeof(T)), p.num_threads);
   return detail::for_each_row(p.B * p.C, N, p.num_threads, stream, gate_logits, [&](int64_t row, T gate) {
     const T scale = blend + (T(1) - blend) * gate;
     detail::scale_row(out + row * N, h + row * N, scale, N, stream);
@@ -107,7 +107,7 @@ int64_t context_gate_backward(const ContextGateParams& p) {
   // Reads grad_out and (for the logit gradient) h; writes grad_h.
   const int64_t maps_moved = 1 + (p.need_grad_gate_logits ? 1 : 0) + (p.need_grad_h ? 1 : 0);
   const bool stream = p.need_grad_h && streaming_pays(maps_moved * p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
-  if (p.need_grad_h) advise_huge_pages(grad_h, p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
+  if (p.need_grad_h) prepare_output(grad_h, p.B * p.C * N * static_cast<int64_t>(sizeof(T)), p.num_threads);
   return detail::for_each_row(p.B * p.C, N, p.num_threads, stream, gate_logits, [&](int64_t row, T gate) {
     const T* __restrict g_row = grad_out + row * N;
     if (p.need_grad_h) {

@@ -227,8 +227,8 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
   const int64_t stride = block + W;  // one spare cache line per row: rows do not share cache sets
   // Reads h and f, writes h_next and v.
   const bool stream = streaming_pays(positions * (3 * d + k) * static_cast<int64_t>(sizeof(T)));
-  advise_huge_pages(h_next, positions * d * static_cast<int64_t>(sizeof(T)));
-  advise_huge_pages(v, positions * k * static_cast<int64_t>(sizeof(T)));
+  prepare_output(h_next, positions * d * static_cast<int64_t>(sizeof(T)), p.num_threads);
+  prepare_output(v, positions * k * static_cast<int64_t>(sizeof(T)), p.num_threads);
 
   return parallel_for(num_chunks, p.num_threads, [&](int64_t chunk) {
     // f_buf: the block's f rows; mix_buf: M @ f (rows padded), then h_next (its last k rows are the softmax
@@ -289,8 +289,8 @@ int64_t feedback_step_backward(const FeedbackStepParams& p) {
   const int64_t rows_moved = (grad_h_next != nullptr ? d : 0) + (grad_v != nullptr ? k : 0) + k +
                              (p.need_grad_decay ? d : 0) + (p.need_grad_h ? d : 0) + (p.need_grad_f ? d : 0);
   const bool stream = streaming_pays(positions * rows_moved * static_cast<int64_t>(sizeof(T)));
-  if (p.need_grad_h) advise_huge_pages(grad_h, positions * d * static_cast<int64_t>(sizeof(T)));
-  if (p.need_grad_f) advise_huge_pages(grad_f, positions * d * static_cast<int64_t>(sizeof(T)));
+  if (p.need_grad_h) prepare_output(grad_h, positions * d * static_cast<int64_t>(sizeof(T)), p.num_threads);
+  if (p.need_grad_f) prepare_output(grad_f, positions * d * static_cast<int64_t>(sizeof(T)), p.num_threads);
   // One [rows, rows] partial of grad_decay per chunk (the entries past d unused).
   std::unique_ptr<T[]> partials(p.need_grad_decay ? new T[static_cast<size_t>(num_chunks * rows * rows)] : nullptr);
 

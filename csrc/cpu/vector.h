@@ -16,10 +16,6 @@
 #define FBKERNELS_X86 1
 #endif
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-#include <cstdlib>
 
 namespace fbkernels {
 namespace cpu {
@@ -195,29 +191,6 @@ inline void write_row(T* __restrict dst, const T* __restrict src, int64_t len, b
     return;
   }
   write_row_map(dst, len, stream, [](auto x) { return x; }, src);
-}
-
-// Asks the kernel to back the output `data` (`bytes` long, freshly allocated by the caller) with 2 MiB
-// transparent huge pages, where Linux allows them (THP mode "always" or "madvise"). An output this large is
-// usually fresh memory from mmap (glibc maps allocations of 32 MiB and more on their own), and its first write
-// faults every 4 KiB page in: ~10k faults for a 40 MB output, which took longer than the kernel itself (27 ms
-// against 11 ms for feedback_step at 8x18x256x256 on 2 cores; 14 ms with huge pages). Only the 2 MiB-aligned
-// interior is advised, and only outputs of at least 4 MiB. FBKERNELS_HUGE_PAGES=0 in the environment turns it off.
-inline void advise_huge_pages(void* data, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  static const bool enabled = [] {
-    const char* setting = std::getenv("FBKERNELS_HUGE_PAGES");
-    return setting == nullptr || std::strcmp(setting, "0") != 0;
-  }();
-  if (!enabled || data == nullptr || bytes < static_cast<int64_t>(2 * kHugePage)) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHugePage - 1);
-  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
-#else
-  (void)data;
-  (void)bytes;
-#endif
 }
 
 // Orders a task's non-temporal stores before the stores of whoever reads them next (called at the end of a task).
