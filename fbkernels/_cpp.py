@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from ._params import context_gate_params, feedback_step_params
+from ._params import context_gate_params, feedback_step_params, pointer
 
 
 def load_kernels(prefer_avx2: bool | None = None):
@@ -62,11 +62,6 @@ def _context_gate_params(like, alpha, **fields):
     return context_gate_params(_C, like, alpha, num_threads=max(1, torch.get_num_threads()), **fields)
 
 
-def _pointer(t):
-    """A tensor's data pointer, 0 (absent) for None."""
-    return 0 if t is None else t.data_ptr()
-
-
 def feedback_step_forward(h, f, decay, num_feedback):
     B, d, N = h.shape
     h_next = torch.empty_like(h)
@@ -87,8 +82,8 @@ def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback, needs_grad
     grad_decay = torch.empty_like(decay) if need_decay else None
     params = _feedback_step_params(f, num_feedback)
     params.f, params.v, params.decay = f.data_ptr(), v.data_ptr(), decay.data_ptr()
-    params.grad_h_next, params.grad_v = _pointer(grad_h), _pointer(grad_v)
-    params.grad_h, params.grad_f, params.grad_decay = _pointer(grad_h_in), _pointer(grad_f), _pointer(grad_decay)
+    params.grad_h_next, params.grad_v = pointer(grad_h), pointer(grad_v)
+    params.grad_h, params.grad_f, params.grad_decay = pointer(grad_h_in), pointer(grad_f), pointer(grad_decay)
     params.need_grad_h, params.need_grad_f, params.need_grad_decay = need_h, need_f, need_decay
     _C.feedback_step_backward(params)
     return grad_h_in, grad_f, grad_decay
@@ -109,7 +104,7 @@ def context_gate_backward(grad_out, h, gate_logits, alpha, needs_grad=(True, Tru
     grad_gate_logits = torch.empty_like(gate_logits) if need_gate else None
     params = _context_gate_params(h, alpha)
     params.grad_out, params.h, params.gate_logits = grad_out.data_ptr(), h.data_ptr(), gate_logits.data_ptr()
-    params.grad_h, params.grad_gate_logits = _pointer(grad_h), _pointer(grad_gate_logits)
+    params.grad_h, params.grad_gate_logits = pointer(grad_h), pointer(grad_gate_logits)
     params.need_grad_h, params.need_grad_gate_logits = need_h, need_gate
     _C.context_gate_backward(params)
     return grad_h, grad_gate_logits

@@ -20,10 +20,15 @@ def dtype_code(t: torch.Tensor) -> int:
     return code
 
 
+def pointer(t: torch.Tensor | None) -> int:
+    """A tensor's data pointer, 0 (absent) for None: what a struct's pointer field holds."""
+    return 0 if t is None else t.data_ptr()
+
+
 def _fill(params, fields: dict):
     # One expression per field: this runs on every kernel call, and small kernels take only microseconds.
     for name, value in fields.items():
-        setattr(params, name, value.data_ptr() if isinstance(value, torch.Tensor) else 0 if value is None else value)
+        setattr(params, name, pointer(value) if value is None or isinstance(value, torch.Tensor) else value)
     return params
 
 
