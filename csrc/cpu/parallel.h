@@ -92,23 +92,26 @@ T* thread_scratch(int64_t count) {
 }
 
 // Gets a fresh output `data` (`bytes` long, just allocated by the caller) ready for writing, on a team of up to
-// num_threads threads. An output this large is usually new memory from mmap (glibc maps allocations of 32 MiB and
-// more on their own), and its first write faults every page in: ~10k faults of 4 KiB for a 40 MB output, which
-// took longer than the kernel itself (27 ms against 11 ms for the feedback_step forward at 8x18x256x256 on 2
-// cores). So the 2 MiB-aligned interior is advised to be backed by transparent huge pages (Linux, THP mode
-// "always" or "madvise"; one fault per 2 MiB: 14 ms), and its huge pages are then faulted in by the whole team, one
-// page per task, before the kernel's loop (the OS zero-fills a new page in the thread that faults it; the
-// 8x18x256x256 backward went from 18-20 to 17-18 ms, the forward did not change beyond the noise). Only outputs of
-// at least 4 MiB; FBKERNELS_HUGE_PAGES=0 in the environment turns both off (for example where THP compaction
-// stalls matter more than throughput).
+// num_threads threads. By default glibc gives every block of 32 MiB or more its own new mmap, and the first write
+// faults every page in: ~10k faults of 4 KiB for a 40 MB output, which took longer than the kernel itself (27 ms
+// against 11 ms for the feedback_step forward at 8x18x256x256 on 2 cores). So the 2 MiB-aligned interior of such an
+// output is advised to be backed by transparent huge pages (Linux, THP mode "always" or "madvise"; one fault per
+// 2 MiB: 14 ms), and its huge pages are then faulted in by the whole team, one page per task, before the kernel's
+// loop (the OS zero-fills a new page in the thread that faults it; the 8x18x256x256 backward went from 18-20 to
+// 17-18 ms). Smaller outputs are left alone: after the first call glibc serves them from its heap, already faulted
+// in, where the advice would only split the heap's mapping and the prefault would cost a parallel region (in three
+// default benchmark runs each, the context_gate forward at the CBL-CNN maps, 4-8 MB outputs, ran 1.13-1.41x
+// torch.compile without them against 1.03-1.35x with them). FBKERNELS_HUGE_PAGES=0 in the environment turns both
+// off (for example where THP compaction stalls matter more than throughput).
 inline void prepare_output(void* data, int64_t bytes, int64_t num_threads) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  constexpr int64_t kOwnMappingBytes = int64_t{32} << 20;  // glibc's largest mmap threshold (64-bit)
   static const bool enabled = [] {
     const char* setting = std::getenv("FBKERNELS_HUGE_PAGES");
     return setting == nullptr || std::strcmp(setting, "0") != 0;
   }();
-  if (!enabled || data == nullptr || bytes < static_cast<int64_t>(2 * kHugePage)) return;
+  if (!enabled || data == nullptr || bytes < kOwnMappingBytes) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHugePage - 1);
   if (end <= begin || madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) != 0) return;
