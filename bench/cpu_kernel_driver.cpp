@@ -3,13 +3,15 @@
 //
 //   g++ -O3 -std=c++17 -fno-math-errno -ffp-contract=off -mavx2 -mfma -fopenmp -Icsrc
 //       bench/cpu_kernel_driver.cpp -o /tmp/cpu_kernel_driver      (one command; the flags of fbkernels._C_avx2)
-//   /tmp/cpu_kernel_driver OP B C N THREADS [OUTPUTS [REPEATS]]
+//   /tmp/cpu_kernel_driver OP B C N THREADS [OUTPUTS [REPEATS [CACHE]]]
 //
 // OP: feedback_step_forward, feedback_step_backward (C = d, k = 2, every gradient), context_gate_forward,
 // context_gate_backward (alpha 0). OUTPUTS: "fresh" (default) allocates the outputs before every call, as an op
 // returning new tensors does, and counts the allocation and the page faults of the first write in the time;
-// "preallocated" writes into the same outputs every call. Prints the median, 20th percentile and minimum over
-// REPEATS calls (default 200) after 10 untimed ones.
+// "preallocated" writes into the same outputs every call. CACHE: "warm" (default) leaves the previous call's data in
+// the caches; "cold" writes a 64 MiB buffer before every call (untimed), pushing the inputs out of a 32 MiB L3 as
+// the other providers do between calls in bench/step_throughput.py. Prints the median, 20th percentile and minimum
+// over REPEATS calls (default 200) after 10 untimed ones.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -54,13 +56,18 @@ std::vector<float> pattern(size_t n, int period, float scale) {
 
 int main(int argc, char** argv) {
   if (argc < 6) {
-    std::fprintf(stderr, "usage: %s OP B C N THREADS [fresh|preallocated [REPEATS]]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s OP B C N THREADS [fresh|preallocated [REPEATS [warm|cold]]]\n", argv[0]);
     return 2;
   }
   const std::string op = argv[1];
   const int64_t B = std::atol(argv[2]), C = std::atol(argv[3]), N = std::atol(argv[4]), threads = std::atol(argv[5]);
   const bool fresh = argc < 7 || std::strcmp(argv[6], "preallocated") != 0;
   const int repeats = argc > 7 ? std::atoi(argv[7]) : 200;
+  const bool cold = argc > 8 && std::strcmp(argv[8], "cold") == 0;
+  if (argc > 8 && !cold && std::strcmp(argv[8], "warm") != 0) {
+    std::fprintf(stderr, "CACHE must be warm or cold, got %s\n", argv[8]);
+    return 2;
+  }
   const size_t state = static_cast<size_t>(B * C * N);
   const int64_t k = 2;
   const std::vector<float> x = pattern(state, 97, 0.02f), y = pattern(state, 89, 0.03f), g = pattern(state, 13, 0.1f);
@@ -70,7 +77,9 @@ int main(int argc, char** argv) {
   Output first(state), second(op == "feedback_step_forward" ? static_cast<size_t>(B * k * N) : state);
 
   std::vector<double> times;
+  std::vector<char> evict(cold ? size_t{64} << 20 : 0);
   for (int call = 0; call < repeats + 10; ++call) {
+    if (cold) std::memset(evict.data(), call & 0xff, evict.size());
     const double start = seconds();
     if (op == "feedback_step_forward" || op == "feedback_step_backward") {
       FeedbackStepParams p;
@@ -110,9 +119,9 @@ int main(int argc, char** argv) {
     if (call >= 10) times.push_back((seconds() - start) * 1e3);
   }
   std::sort(times.begin(), times.end());
-  std::printf("%s B=%ld C=%ld N=%ld threads=%ld %s: median %.3f ms, p20 %.3f ms, min %.3f ms (%d calls)\n",
+  std::printf("%s B=%ld C=%ld N=%ld threads=%ld %s%s: median %.3f ms, p20 %.3f ms, min %.3f ms (%d calls)\n",
               op.c_str(), static_cast<long>(B), static_cast<long>(C), static_cast<long>(N),
-              static_cast<long>(threads), fresh ? "fresh outputs" : "preallocated outputs", times[times.size() / 2],
-              times[times.size() / 5], times[0], repeats);
+              static_cast<long>(threads), fresh ? "fresh outputs" : "preallocated outputs", cold ? ", cold" : "",
+              times[times.size() / 2], times[times.size() / 5], times[0], repeats);
   return 0;
 }

@@ -159,7 +159,7 @@ def test_verdict_writes_slower_out():
 @pytest.mark.skipif(subprocess.run(["which", "g++"], capture_output=True).returncode != 0, reason="no g++")
 def test_cpu_kernel_driver_builds_and_runs(tmp_path):
     """bench/cpu_kernel_driver.cpp (the kernels timed without Python) compiles with the CPU module's flags and runs
-    every op in both output modes."""
+    every op in both output modes, and with its inputs pushed out of cache."""
     binary = tmp_path / "driver"
     subprocess.run(["g++", "-O1", "-std=c++17", "-fno-math-errno", "-ffp-contract=off", "-fopenmp",
                     f"-I{REPO / 'csrc'}", str(BENCH / "cpu_kernel_driver.cpp"), "-o", str(binary)],
@@ -169,3 +169,6 @@ def test_cpu_kernel_driver_builds_and_runs(tmp_path):
             proc = subprocess.run([str(binary), op, "2", "5", "37", "2", outputs, "3"], capture_output=True,
                                   text=True, timeout=60, check=True)
             assert proc.stdout.startswith(f"{op} B=2 C=5 N=37 threads=2 {outputs} outputs: median ")
+        proc = subprocess.run([str(binary), op, "2", "5", "37", "1", "preallocated", "3", "cold"],
+                              capture_output=True, text=True, timeout=60, check=True)
+        assert proc.stdout.startswith(f"{op} B=2 C=5 N=37 threads=1 preallocated outputs, cold: median ")
