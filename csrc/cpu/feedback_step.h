@@ -194,6 +194,21 @@ std::vector<T> padded_matrix(const T* src, int64_t d, int64_t rows, bool transpo
 // <= 0 (no overflow); a NaN/Inf only reaches the positions whose logits hold it.
 template <typename T, typename V, typename Exp>
 inline void exp_and_inverse_sum(T* x, int64_t stride, int64_t k, int64_t n, T* inverse_sum, const Exp& exp_fn) {
+  if (k == 2) {
+    // The channel holding the max gets exp(max - max): 1, or NaN where the max is infinite or NaN, which is
+    // (max - max) + 1. So one exp per position serves both channels, with the bits of the general loop below.
+    const V x0 = load_as<T, V>(x + n), x1 = load_as<T, V>(x + stride + n);
+    const auto second_larger = x1 > x0;
+    const V max = second_larger ? x1 : x0;
+    const V e_other = exp_fn((second_larger ? x0 : x1) - max);
+    const V e_max = (max - max) + T(1);
+    const V e0 = second_larger ? e_other : e_max;
+    const V e1 = second_larger ? e_max : e_other;
+    store_as<T, V>(x + n, e0);
+    store_as<T, V>(x + stride + n, e1);
+    store_as<T, V>(inverse_sum + n, T(1) / ((V{} + T(0)) + e0 + e1));
+    return;
+  }
   V max = load_as<T, V>(x + n);
   for (int64_t c = 1; c < k; ++c) {
     const V xc = load_as<T, V>(x + c * stride + n);
@@ -210,8 +225,8 @@ inline void exp_and_inverse_sum(T* x, int64_t stride, int64_t k, int64_t n, T* i
 
 // v[c * v_stride + n] = softmax over c < k of x[c * x_stride + n], for n < len (x overwritten with the
 // exponentials). One pass computes the exponentials and their inverse sum a vector of positions at a time (float:
-// exp_nonpositive on whole vectors, expf on the last few positions; double: exp throughout); a second pass per
-// channel scales and writes v.
+// exp_nonpositive on whole vectors, expf on the last few positions; double: exp throughout; one exp per position
+// when k = 2); a second pass per channel scales and writes v.
 template <typename T>
 void softmax_columns(T* x, int64_t x_stride, int64_t k, int64_t len, T* __restrict inverse_sum, T* v,
                      int64_t v_stride, bool stream) {
