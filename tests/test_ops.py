@@ -217,6 +217,27 @@ def test_feedback_step_nan_stays_at_its_position(backend, device, dtype):
     assert torch.isnan(h_next[1, :, 2, 2]).all()
 
 
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+@pytest.mark.parametrize("k", [2, 3])
+def test_feedback_step_softmax_of_ties_and_infinities(backend, device, dtype, k):
+    """Every pair of logits from {0, 3, inf, -inf, nan} in the first two feedback channels, at every position (the
+    vector body and the scalar tail of the CPU kernels): v is eager's, NaN where eager's is NaN."""
+    _skip_unsupported(backend, device, dtype, 2, 6, 20)
+    h, f, decay = _feedback_inputs(2, 6, (4, 5), dtype, device, requires_grad=False)
+    f.zero_()  # h_next = h exactly, so the logits are the values set here
+    special = torch.tensor([0.0, 3.0, math.inf, -math.inf, math.nan], dtype=dtype, device=device)
+    pairs = torch.cartesian_prod(torch.arange(5), torch.arange(5)).to(device)
+    slots = torch.arange(2 * 4 * 5, device=device) % len(pairs)
+    logits = h[:, 6 - k:].permute(0, 2, 3, 1).reshape(-1, k)  # a copy: [positions, k]
+    logits[:, 0] = special[pairs[slots, 0]]
+    logits[:, 1] = special[pairs[slots, 1]]
+    h[:, 6 - k:] = logits.reshape(2, 4, 5, k).permute(0, 3, 1, 2)
+    _, v = fbkernels.feedback_step(h, f, decay, k, backend=backend)
+    _, v_ref = fbkernels.feedback_step(h.double(), f.double(), decay.double(), k, backend="eager")
+    assert torch.equal(v.isnan(), v_ref.isnan())
+    assert_close("v", v.nan_to_num(), v_ref.nan_to_num(), dtype)
+
+
 @pytest.mark.parametrize("backend,device,dtype", [c for c in CASES if c.values[2] == F32])
 def test_feedback_step_decay_gradient_is_deterministic(backend, device, dtype):
     B, *spatial = (4, 64, 64) if not (backend == "triton" and device == "cpu") else (2, 9, 11)
