@@ -3,7 +3,9 @@
 Timing (``time_fns``): warm-up calls first (at least two and ``warmup_s`` seconds; they include any
 torch.compile compilation and are excluded), then timed calls in interleaved rounds (one call of every
 compared provider per round, rotating order, so load from other processes on a shared machine hits all
-alike); figures are the median and the 20th/80th percentiles over the rounds.
+alike); figures are the median and the 20th/80th percentiles over the rounds. Python's garbage collector is
+paused during the timed rounds, as ``timeit`` does, so that a collection triggered by one provider's allocations
+does not land in another's time.
   - CPU: ``time.perf_counter`` around each call (torch's default intra-op thread count).
   - CUDA: a CUDA event pair around each call, with the L2 cache flushed (a 256 MiB buffer zeroed)
     before each call, like ``triton.testing.do_bench``; one synchronisation after all calls.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import gc
 import glob
 import json
 import math
@@ -136,9 +139,10 @@ def time_fns(fns: dict, device: torch.device, *, budget_s: float = 0.3, min_repe
     """{name: Timing} of each no-argument callable, timed in interleaved rounds.
 
     Each callable is warmed up first (at least ``warmup_calls`` calls and ``warmup_s`` seconds; compilation
-    happens here; the last warm-up call's time sizes the run), then every round calls each callable once, in a rotating order, so that load from other
-    processes on a shared machine falls on all of them alike and their ratios stay honest. The number
-    of rounds fills about ``budget_s`` seconds, clamped to [min_repeats, max_repeats].
+    happens here; the last warm-up call's time sizes the run), then every round calls each callable once, in a
+    rotating order, so that load from other processes on a shared machine falls on all of them alike and their
+    ratios stay honest. The number of rounds fills about ``budget_s`` seconds, clamped to [min_repeats,
+    max_repeats]. The garbage collector is paused during the rounds (``timeit`` does the same).
     """
     names = list(fns)
     warmups, estimates = {}, {}
@@ -156,6 +160,26 @@ def time_fns(fns: dict, device: torch.device, *, budget_s: float = 0.3, min_repe
     repeats = int(min(max_repeats, max(min_repeats, budget_s / sum(estimates.values()))))
 
     times_ms: dict[str, list[float]] = {name: [] for name in names}
+    with _gc_paused():
+        _timed_rounds(fns, names, repeats, device, times_ms)
+    return {name: _summarise(times_ms[name], warmups[name]) for name in names}
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Collects once, then keeps Python's garbage collector off until the block ends (restored if it was on)."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _timed_rounds(fns: dict, names: list, repeats: int, device: torch.device, times_ms: dict) -> None:
+    """``repeats`` rounds of one call per name, rotating order; appends each call's milliseconds to times_ms."""
     if device.type == "cuda":
         flush = _l2_flush_buffer(device)
         recorded = []
@@ -178,7 +202,6 @@ def time_fns(fns: dict, device: torch.device, *, budget_s: float = 0.3, min_repe
                 t0 = time.perf_counter()
                 fns[name]()
                 times_ms[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: _summarise(times_ms[name], warmups[name]) for name in names}
 
 
 def time_fn(fn, device: torch.device, **kwargs) -> Timing:
@@ -198,9 +221,11 @@ PEAK_MEM_METHOD = {
 
 TIMING_METHOD = {
     "cpu": "time.perf_counter around each call after warm-up (compilation excluded); compared providers interleaved "
-           "call by call; median, p20, p80 over repeats; torch default intra-op threads; no cache flush between calls",
+           "call by call; median, p20, p80 over repeats; torch default intra-op threads; no cache flush between calls; "
+           "Python's garbage collector paused during the timed rounds",
     "cuda": "CUDA events around each call after warm-up (compilation excluded), L2 flushed (256 MiB zeroed) before "
-            "each call; compared providers interleaved call by call; median, p20, p80 over repeats",
+            "each call; compared providers interleaved call by call; median, p20, p80 over repeats; Python's garbage "
+            "collector paused during the timed rounds",
 }
 
 

@@ -5,6 +5,7 @@ run with one thread here: on a loaded 2-core machine two threads make tiny ops m
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import subprocess
@@ -113,6 +114,16 @@ def test_minimal_bytes_formula():
     assert step.minimal_bytes(case, "fwd_bwd", 4) == fwd + bwd
     gate = step.Case("context_gate", (B, d, H, W), "cbl")
     assert step.minimal_bytes(gate, "fwd", 8) == (2 * B * d * N + B * d) * 8
+
+
+def test_timed_rounds_run_with_the_garbage_collector_paused():
+    common = _bench_module("_common")
+    enabled_during_call = []
+    timings = common.time_fns({"probe": lambda: enabled_during_call.append(gc.isenabled())}, torch.device("cpu"),
+                              budget_s=0.0, min_repeats=4, warmup_s=0.0, warmup_calls=2)
+    assert timings["probe"].repeats == 4
+    assert enabled_during_call == [True, True, False, False, False, False]  # two warm-up calls, four timed ones
+    assert gc.isenabled()
 
 
 def test_peak_memory_counts_live_temporaries():
