@@ -105,6 +105,11 @@ T* thread_scratch(int64_t count) {
 // off (for example where THP compaction stalls matter more than throughput).
 inline void prepare_output(void* data, int64_t bytes, int64_t num_threads) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+#if defined(MADV_POPULATE_WRITE)
+  constexpr int kPopulateWrite = MADV_POPULATE_WRITE;
+#else
+  constexpr int kPopulateWrite = 23;  // Linux's value, for C libraries whose headers predate it
+#endif
   constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
   constexpr int64_t kOwnMappingBytes = int64_t{32} << 20;  // glibc's largest mmap threshold (64-bit)
   static const bool enabled = [] {
@@ -115,9 +120,22 @@ inline void prepare_output(void* data, int64_t bytes, int64_t num_threads) {
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHugePage - 1);
   if (end <= begin || madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) != 0) return;
-  // One byte per page: the kernels overwrite the whole output afterwards, so its value does not matter.
-  parallel_for(static_cast<int64_t>((end - begin) / kHugePage), num_threads, [&](int64_t page) {
-    *reinterpret_cast<volatile char*>(begin + static_cast<uintptr_t>(page) * kHugePage) = 0;
+  // The 4 KiB pages before the first and after the last huge page, whole pages of the output only.
+  constexpr uintptr_t kPage = 4096;
+  const uintptr_t head = (reinterpret_cast<uintptr_t>(data) + kPage - 1) & ~(kPage - 1);
+  const uintptr_t tail = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kPage - 1);
+  const int64_t huge_pages = static_cast<int64_t>((end - begin) / kHugePage);
+  // Tasks: one per huge page (one byte written faults it in: the kernels overwrite the whole output afterwards, so
+  // its value does not matter), then the head and the tail, each faulted in by one MADV_POPULATE_WRITE call, which
+  // costs less than a fault per page (1.6 against 2.2 us per page on the benchmark VM); where the kernel lacks it
+  // (Linux < 5.14), the kernel's first writes fault them in as before.
+  parallel_for(huge_pages + 2, num_threads, [&](int64_t task) {
+    if (task < huge_pages) {
+      *reinterpret_cast<volatile char*>(begin + static_cast<uintptr_t>(task) * kHugePage) = 0;
+      return;
+    }
+    const uintptr_t from = task == huge_pages ? head : end, to = task == huge_pages ? begin : tail;
+    if (to > from) madvise(reinterpret_cast<void*>(from), to - from, kPopulateWrite);
   });
 #else
   (void)data;
