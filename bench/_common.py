@@ -159,9 +159,8 @@ def time_fns(fns: dict, device: torch.device, *, budget_s: float = 0.3, min_repe
         warmups[name] = time.perf_counter() - start
     repeats = int(min(max_repeats, max(min_repeats, budget_s / sum(estimates.values()))))
 
-    times_ms: dict[str, list[float]] = {name: [] for name in names}
     with _gc_paused():
-        _timed_rounds(fns, names, repeats, device, times_ms)
+        times_ms = _timed_rounds(fns, names, repeats, device)
     return {name: _summarise(times_ms[name], warmups[name]) for name in names}
 
 
@@ -178,8 +177,9 @@ def _gc_paused():
             gc.enable()
 
 
-def _timed_rounds(fns: dict, names: list, repeats: int, device: torch.device, times_ms: dict) -> None:
-    """``repeats`` rounds of one call per name, rotating order; appends each call's milliseconds to times_ms."""
+def _timed_rounds(fns: dict, names: list, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """{name: milliseconds of each call} over ``repeats`` rounds of one call per name, in rotating order."""
+    times_ms: dict[str, list[float]] = {name: [] for name in names}
     if device.type == "cuda":
         flush = _l2_flush_buffer(device)
         recorded = []
@@ -202,6 +202,7 @@ def _timed_rounds(fns: dict, names: list, repeats: int, device: torch.device, ti
                 t0 = time.perf_counter()
                 fns[name]()
                 times_ms[name].append((time.perf_counter() - t0) * 1e3)
+    return times_ms
 
 
 def time_fn(fn, device: torch.device, **kwargs) -> Timing:

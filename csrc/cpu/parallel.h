@@ -117,13 +117,15 @@ inline void prepare_output(void* data, int64_t bytes, int64_t num_threads) {
     return setting == nullptr || std::strcmp(setting, "0") != 0;
   }();
   if (!enabled || data == nullptr || bytes < kOwnMappingBytes) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHugePage - 1);
+  // The whole pages of a given size inside the output: [first page boundary, last page boundary).
+  const uintptr_t start = reinterpret_cast<uintptr_t>(data), stop = start + static_cast<uintptr_t>(bytes);
+  const auto up = [start](uintptr_t page) { return (start + page - 1) & ~(page - 1); };
+  const auto down = [stop](uintptr_t page) { return stop & ~(page - 1); };
+  const uintptr_t begin = up(kHugePage), end = down(kHugePage);
   if (end <= begin || madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) != 0) return;
-  // The 4 KiB pages before the first and after the last huge page, whole pages of the output only.
+  // The 4 KiB pages before the first and after the last huge page.
   constexpr uintptr_t kPage = 4096;
-  const uintptr_t head = (reinterpret_cast<uintptr_t>(data) + kPage - 1) & ~(kPage - 1);
-  const uintptr_t tail = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kPage - 1);
+  const uintptr_t head = up(kPage), tail = down(kPage);
   const int64_t huge_pages = static_cast<int64_t>((end - begin) / kHugePage);
   // Tasks: one per huge page (one byte written faults it in: the kernels overwrite the whole output afterwards, so
   // its value does not matter), then the head and the tail, each faulted in by one MADV_POPULATE_WRITE call, which
