@@ -297,6 +297,16 @@ def measure_peak_bandwidth(device: torch.device, *, nbytes: int | None = None, b
 
 # ---------------------------------------------------------------- output
 
+# Environment variables that change what a run measures: thread pools, the C library's allocator (fresh large
+# outputs cost page zero-filling unless freed memory is reused), fbkernels' own switches.
+_MEASURED_ENVIRONMENT = re.compile(r"(OMP_|KMP_|MKL_|MALLOC_|FBKERNELS_)\w*|GLIBC_TUNABLES|LD_PRELOAD|TRITON_INTERPRET")
+
+
+def measured_environment() -> dict[str, str]:
+    """The environment variables set for this run that change what it measures (see _MEASURED_ENVIRONMENT)."""
+    return {name: value for name, value in sorted(os.environ.items()) if _MEASURED_ENVIRONMENT.fullmatch(name)}
+
+
 def header(device: torch.device, script: str, argv: list[str]) -> dict:
     """The common top of every result JSON."""
     import fbkernels
@@ -312,6 +322,7 @@ def header(device: torch.device, script: str, argv: list[str]) -> dict:
         "timing_method": TIMING_METHOD[device.type],
         "peak_mem_method": PEAK_MEM_METHOD[device.type],
         "argv": argv,
+        "environment": measured_environment(),
     }
 
 

@@ -233,6 +233,8 @@ def run(args) -> dict:
     print(f"{common.device_name(device)}: peak copy bandwidth {peak_gbps:.1f} GB/s "
           f"({copy_bytes / common.MIB:.0f} MiB moved per copy); sweep {kind}, {args.dtype}, providers "
           f"{', '.join(providers)}", file=sys.stderr)
+    if environment := common.measured_environment():
+        print("environment: " + " ".join(f"{name}={value}" for name, value in environment.items()), file=sys.stderr)
 
     from tqdm import tqdm
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,19 @@ def test_timed_rounds_run_with_the_garbage_collector_paused():
     assert timings["probe"].repeats == 4
     assert enabled_during_call == [True, True, False, False, False, False]  # two warm-up calls, four timed ones
     assert gc.isenabled()
+
+
+def test_header_records_the_environment_that_changes_measurements(monkeypatch):
+    common = _bench_module("_common")
+    for name in [n for n in os.environ if common._MEASURED_ENVIRONMENT.fullmatch(n)]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "67108864")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    monkeypatch.setenv("FBKERNELS_HUGE_PAGES", "0")
+    monkeypatch.setenv("HOME_OF_SOMETHING_ELSE", "x")
+    environment = common.header(torch.device("cpu"), "probe", [])["environment"]
+    assert environment == {"FBKERNELS_HUGE_PAGES": "0", "MALLOC_MMAP_THRESHOLD_": "67108864",
+                           "OMP_WAIT_POLICY": "passive"}
 
 
 def test_peak_memory_counts_live_temporaries():
