@@ -205,11 +205,6 @@ def _timed_rounds(fns: dict, names: list, repeats: int, device: torch.device) ->
     return times_ms
 
 
-def time_fn(fn, device: torch.device, **kwargs) -> Timing:
-    """Median / p20 / p80 milliseconds of ``fn()`` after warm-up (see ``time_fns``)."""
-    return time_fns({"fn": fn}, device, **kwargs)["fn"]
-
-
 # ---------------------------------------------------------------- memory
 
 PEAK_MEM_METHOD = {

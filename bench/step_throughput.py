@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -76,7 +76,6 @@ class Sweep:
     budget_s: float  # timed seconds per (case, provider, pass), roughly
     min_repeats: int
     warmup_s: float
-    extra: dict = field(default_factory=dict)
 
 
 def make_sweep(kind: str) -> Sweep:
