@@ -1,5 +1,6 @@
 """What the package promises: declared floors that match the code, the licence and citation, hard dependencies that
-are what fbkernels imports, and experiment scripts that explain themselves and reject bad values cleanly."""
+are what fbkernels imports, a README example that runs, and experiment scripts that explain themselves and reject
+bad values cleanly."""
 import ast
 import importlib.util
 import os
@@ -112,6 +113,18 @@ def _script(name: str):
 def _run_script(name: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "python" / f"{name}.py"), *args], capture_output=True,
                           text=True, timeout=120)
+
+
+def test_readme_usage_example_runs(tmp_path):
+    # The README's Python example, as a user would paste it, run outside the source tree (the installed package).
+    example = re.search(r"## Usage\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert example, "README.md lost its ## Usage python example"
+    proc = subprocess.run([sys.executable, "-c", example.group(1)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps_line, backends_line = proc.stdout.strip().splitlines()[-2:]
+    assert re.fullmatch(r"([1-9]|10) steps used", steps_line), proc.stdout
+    assert "'eager'" in backends_line, proc.stdout
 
 
 def test_feedback_unet_help_lists_experiments_and_defaults():
