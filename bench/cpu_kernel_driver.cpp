@@ -22,10 +22,13 @@
 
 #include "cpu/context_gate.h"
 #include "cpu/feedback_step.h"
+#include "cpu_kernel_cases.h"
 
 using namespace fbkernels;
 
 namespace {
+
+KERNELS_OF(Current, cpu);
 
 double seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -35,32 +38,25 @@ double seconds() {
 struct Output {
   float* data = nullptr;
   size_t count;
-  explicit Output(size_t n) : count(n) {}
+  explicit Output(size_t n) : count(std::max<size_t>(n, 1)) {}
   ~Output() { std::free(data); }
-  uintptr_t get(bool fresh) {
+  float* get(bool fresh) {
     if (fresh || data == nullptr) {
       std::free(data);
       data = static_cast<float*>(std::aligned_alloc(64, (count * sizeof(float) + 63) / 64 * 64));
     }
-    return reinterpret_cast<uintptr_t>(data);
+    return data;
   }
 };
-
-std::vector<float> pattern(size_t n, int period, float scale) {
-  std::vector<float> values(n);
-  for (size_t i = 0; i < n; ++i) values[i] = static_cast<float>(static_cast<int>(i % period) - period / 2) * scale;
-  return values;
-}
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 6) {
+  if (argc < 6 || !bench::known_op(argv[1])) {
     std::fprintf(stderr, "usage: %s OP B C N THREADS [fresh|preallocated [REPEATS [warm|cold]]]\n", argv[0]);
     return 2;
   }
-  const std::string op = argv[1];
-  const int64_t B = std::atol(argv[2]), C = std::atol(argv[3]), N = std::atol(argv[4]), threads = std::atol(argv[5]);
+  const bench::OpInputs in(argv[1], std::atol(argv[2]), std::atol(argv[3]), std::atol(argv[4]), std::atol(argv[5]));
   const bool fresh = argc < 7 || std::strcmp(argv[6], "preallocated") != 0;
   const int repeats = argc > 7 ? std::atoi(argv[7]) : 200;
   const bool cold = argc > 8 && std::strcmp(argv[8], "cold") == 0;
@@ -68,60 +64,20 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "CACHE must be warm or cold, got %s\n", argv[8]);
     return 2;
   }
-  const size_t state = static_cast<size_t>(B * C * N);
-  const int64_t k = 2;
-  const std::vector<float> x = pattern(state, 97, 0.02f), y = pattern(state, 89, 0.03f), g = pattern(state, 13, 0.1f);
-  const std::vector<float> matrix = pattern(static_cast<size_t>(C * C), 7, 0.05f), logits = pattern(B * C, 5, 0.5f);
-  const std::vector<float> v(static_cast<size_t>(B * k * N), 0.5f), grad_v = pattern(B * k * N, 7, 0.1f);
-  std::vector<float> small(static_cast<size_t>(std::max(C * C, B * C)));
-  Output first(state), second(op == "feedback_step_forward" ? static_cast<size_t>(B * k * N) : state);
+  Output first(in.first_size()), second(in.second_size()), small(in.small_size());
 
   std::vector<double> times;
   std::vector<char> evict(cold ? size_t{64} << 20 : 0);
   for (int call = 0; call < repeats + 10; ++call) {
     if (cold) std::memset(evict.data(), call & 0xff, evict.size());
     const double start = seconds();
-    if (op == "feedback_step_forward" || op == "feedback_step_backward") {
-      FeedbackStepParams p;
-      p.B = B, p.d = C, p.N = N, p.k = k, p.num_threads = threads;
-      p.f = reinterpret_cast<uintptr_t>(y.data());
-      p.decay = reinterpret_cast<uintptr_t>(matrix.data());
-      if (op == "feedback_step_forward") {
-        p.h = reinterpret_cast<uintptr_t>(x.data());
-        p.h_next = first.get(fresh), p.v = second.get(fresh);
-        cpu::feedback_step_forward<float>(p);
-      } else {
-        p.v = reinterpret_cast<uintptr_t>(v.data());
-        p.grad_h_next = reinterpret_cast<uintptr_t>(g.data());
-        p.grad_v = reinterpret_cast<uintptr_t>(grad_v.data());
-        p.grad_h = first.get(fresh), p.grad_f = second.get(fresh);
-        p.grad_decay = reinterpret_cast<uintptr_t>(small.data());
-        cpu::feedback_step_backward<float>(p);
-      }
-    } else if (op == "context_gate_forward" || op == "context_gate_backward") {
-      ContextGateParams p;
-      p.B = B, p.C = C, p.N = N, p.alpha = 0.0, p.num_threads = threads;
-      p.h = reinterpret_cast<uintptr_t>(x.data());
-      p.gate_logits = reinterpret_cast<uintptr_t>(logits.data());
-      if (op == "context_gate_forward") {
-        p.out = first.get(fresh);
-        cpu::context_gate_forward<float>(p);
-      } else {
-        p.grad_out = reinterpret_cast<uintptr_t>(g.data());
-        p.grad_h = first.get(fresh);
-        p.grad_gate_logits = reinterpret_cast<uintptr_t>(small.data());
-        cpu::context_gate_backward<float>(p);
-      }
-    } else {
-      std::fprintf(stderr, "unknown OP %s\n", op.c_str());
-      return 2;
-    }
+    in.call<Current>(first.get(fresh), second.get(fresh), small.get(false));
     if (call >= 10) times.push_back((seconds() - start) * 1e3);
   }
   std::sort(times.begin(), times.end());
   std::printf("%s B=%ld C=%ld N=%ld threads=%ld %s%s: median %.3f ms, p20 %.3f ms, min %.3f ms (%d calls)\n",
-              op.c_str(), static_cast<long>(B), static_cast<long>(C), static_cast<long>(N),
-              static_cast<long>(threads), fresh ? "fresh outputs" : "preallocated outputs", cold ? ", cold" : "",
+              in.op.c_str(), static_cast<long>(in.B), static_cast<long>(in.C), static_cast<long>(in.N),
+              static_cast<long>(in.threads), fresh ? "fresh outputs" : "preallocated outputs", cold ? ", cold" : "",
               times[times.size() / 2], times[times.size() / 5], times[0], repeats);
   return 0;
 }

@@ -197,3 +197,26 @@ def test_cpu_kernel_driver_builds_and_runs(tmp_path):
         proc = subprocess.run([str(binary), op, "2", "5", "37", "1", "preallocated", "3", "cold"],
                               capture_output=True, text=True, timeout=60, check=True)
         assert proc.stdout.startswith(f"{op} B=2 C=5 N=37 threads=1 preallocated outputs, cold: median ")
+
+
+def _in_git_checkout() -> bool:
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(subprocess.run(["which", "g++"], capture_output=True).returncode != 0, reason="no g++")
+@pytest.mark.skipif(not _in_git_checkout(), reason="not a git checkout (the script takes one version from git)")
+def test_cpu_kernel_ab_builds_and_compares_every_op():
+    """bench/cpu_kernel_ab.sh builds the kernels of HEAD and of the working tree into one program and times them in
+    pairs; with the op headers unchanged since HEAD both versions write the same bits."""
+    unchanged = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "csrc/cpu"]).returncode == 0
+    env = {**os.environ, "CXXFLAGS": "-O1"}
+    ops = ("feedback_step_forward", "feedback_step_backward", "context_gate_forward", "context_gate_backward")
+    for index, op in enumerate(ops):
+        args = ["bash", str(BENCH / "cpu_kernel_ab.sh"), *(["HEAD"] if index % 2 else []), op, "2", "5", "37", "2", "3"]
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, check=True)
+        assert proc.stdout.startswith(f"{op} B=2 C=5 N=37 threads=2: base "), proc.stdout
+        assert "change faster in" in proc.stdout and "of 3 pairs" in proc.stdout
+        if unchanged:
+            assert proc.stdout.rstrip().endswith("same bits"), proc.stdout
+    usage = subprocess.run(["bash", str(BENCH / "cpu_kernel_ab.sh")], capture_output=True, text=True, env=env)
+    assert usage.returncode == 2 and "OP B C N THREADS" in usage.stderr
