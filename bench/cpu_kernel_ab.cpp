@@ -9,7 +9,6 @@
 // version). Each round calls both versions once, in alternating order, after 5 untimed rounds. Prints both medians,
 // their ratio, in how many rounds the change was faster, and whether the two versions wrote the same bits.
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -26,10 +25,6 @@ namespace {
 
 KERNELS_OF(Base, cpu_base);
 KERNELS_OF(Change, cpu_change);
-
-double seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 struct Outputs {
   std::vector<float> first, second, small;
@@ -51,11 +46,9 @@ double median(std::vector<double> values) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 6 || !bench::known_op(argv[1])) {
-    std::fprintf(stderr, "usage: %s OP B C N THREADS [PAIRS [warm|cold]]\n", argv[0]);
-    return 2;
-  }
-  const bench::OpInputs in(argv[1], std::atol(argv[2]), std::atol(argv[3]), std::atol(argv[4]), std::atol(argv[5]));
+  const auto parsed = bench::op_inputs_from_args(argc, argv, "[PAIRS [warm|cold]]");
+  if (!parsed) return 2;
+  const bench::OpInputs& in = *parsed;
   const int pairs = argc > 6 ? std::atoi(argv[6]) : 300;
   const bool cold = argc > 7 && std::strcmp(argv[7], "cold") == 0;
   if (pairs < 1 || (argc > 7 && !cold && std::strcmp(argv[7], "warm") != 0)) {
@@ -72,13 +65,13 @@ int main(int argc, char** argv) {
       const int which = (round + turn) % 2;  // 0: base, 1: change; who goes first alternates
       if (cold) std::memset(evict.data(), (round * 2 + turn) & 0xff, evict.size());
       Outputs& out = which == 0 ? base : change;
-      const double start = seconds();
+      const double start = bench::seconds();
       if (which == 0) {
         in.call<Base>(out.first.data(), out.second.data(), out.small.data());
       } else {
         in.call<Change>(out.first.data(), out.second.data(), out.small.data());
       }
-      ms[which] = (seconds() - start) * 1e3;
+      ms[which] = (bench::seconds() - start) * 1e3;
     }
     if (round >= 5) {
       base_ms.push_back(ms[0]), change_ms.push_back(ms[1]);

@@ -3,7 +3,11 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -90,6 +94,20 @@ struct OpInputs {
     }
   }
 };
+
+// The OpInputs that argv[1..5] name (OP B C N THREADS), or none after printing the usage, whose options after
+// THREADS are `options`.
+inline std::optional<OpInputs> op_inputs_from_args(int argc, char** argv, const char* options) {
+  if (argc < 6 || !known_op(argv[1])) {
+    std::fprintf(stderr, "usage: %s OP B C N THREADS %s\n", argv[0], options);
+    return std::nullopt;
+  }
+  return OpInputs(argv[1], std::atol(argv[2]), std::atol(argv[3]), std::atol(argv[4]), std::atol(argv[5]));
+}
+
+inline double seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 }  // namespace bench
 }  // namespace fbkernels

@@ -13,7 +13,6 @@
 // the other providers do between calls in bench/step_throughput.py. Prints the median, 20th percentile and minimum
 // over REPEATS calls (default 200) after 10 untimed ones.
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -29,10 +28,6 @@ using namespace fbkernels;
 namespace {
 
 KERNELS_OF(Current, cpu);
-
-double seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 // 64-byte aligned like torch's CPU allocator; freed and allocated again per call when `fresh`.
 struct Output {
@@ -52,11 +47,9 @@ struct Output {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 6 || !bench::known_op(argv[1])) {
-    std::fprintf(stderr, "usage: %s OP B C N THREADS [fresh|preallocated [REPEATS [warm|cold]]]\n", argv[0]);
-    return 2;
-  }
-  const bench::OpInputs in(argv[1], std::atol(argv[2]), std::atol(argv[3]), std::atol(argv[4]), std::atol(argv[5]));
+  const auto parsed = bench::op_inputs_from_args(argc, argv, "[fresh|preallocated [REPEATS [warm|cold]]]");
+  if (!parsed) return 2;
+  const bench::OpInputs& in = *parsed;
   const bool fresh = argc < 7 || std::strcmp(argv[6], "preallocated") != 0;
   const int repeats = argc > 7 ? std::atoi(argv[7]) : 200;
   const bool cold = argc > 8 && std::strcmp(argv[8], "cold") == 0;
@@ -70,9 +63,9 @@ int main(int argc, char** argv) {
   std::vector<char> evict(cold ? size_t{64} << 20 : 0);
   for (int call = 0; call < repeats + 10; ++call) {
     if (cold) std::memset(evict.data(), call & 0xff, evict.size());
-    const double start = seconds();
+    const double start = bench::seconds();
     in.call<Current>(first.get(fresh), second.get(fresh), small.get(false));
-    if (call >= 10) times.push_back((seconds() - start) * 1e3);
+    if (call >= 10) times.push_back((bench::seconds() - start) * 1e3);
   }
   std::sort(times.begin(), times.end());
   std::printf("%s B=%ld C=%ld N=%ld threads=%ld %s%s: median %.3f ms, p20 %.3f ms, min %.3f ms (%d calls)\n",
