@@ -1,6 +1,7 @@
 """Host side of the "cpp" backend: allocates outputs with torch and calls the C++ kernels (fbkernels._C_avx2 or _C).
 
-All functions take the canonical layout of fbkernels.ops: contiguous [B, d, N] tensors of one dtype on the CPU.
+All functions take contiguous [B, d, *S] tensors of one dtype on the CPU (the kernels see B, d and N = prod(S), so
+fbkernels.ops passes its tensors without reshaping them to its canonical [B, d, N]) and return outputs of that shape.
 Each call fills one parameter struct (fbkernels/_params.py: sizes, dtype code, thread count; then pointers and which
 gradients to write, assigned field by field here: a call on small maps takes microseconds, and the generic keyword
 fill costs a few more) and calls one compiled entry per op and pass. The kernels run on PyTorch's own OpenMP thread
@@ -53,19 +54,22 @@ if len(loaded_openmp_runtimes()) > 1:
 
 
 def _feedback_step_params(like, num_feedback, **fields):
-    """_C.FeedbackStepParams for a state ``like`` [B, d, N], running on torch.get_num_threads() threads."""
-    return feedback_step_params(_C, like, num_feedback, num_threads=max(1, torch.get_num_threads()), **fields)
+    """_C.FeedbackStepParams for a state ``like`` [B, d, *S], running on torch.get_num_threads() threads."""
+    params = feedback_step_params(_C, like, num_feedback, **fields)
+    params.num_threads = max(1, torch.get_num_threads())
+    return params
 
 
 def _context_gate_params(like, alpha, **fields):
-    """_C.ContextGateParams for a feature map ``like`` [B, C, N], running on torch.get_num_threads() threads."""
-    return context_gate_params(_C, like, alpha, num_threads=max(1, torch.get_num_threads()), **fields)
+    """_C.ContextGateParams for a feature map ``like`` [B, C, *S], running on torch.get_num_threads() threads."""
+    params = context_gate_params(_C, like, alpha, **fields)
+    params.num_threads = max(1, torch.get_num_threads())
+    return params
 
 
 def feedback_step_forward(h, f, decay, num_feedback):
-    B, d, N = h.shape
     h_next = torch.empty_like(h)
-    v = torch.empty((B, num_feedback, N), dtype=h.dtype, device=h.device)
+    v = torch.empty((h.shape[0], num_feedback, *h.shape[2:]), dtype=h.dtype, device=h.device)
     params = _feedback_step_params(h, num_feedback)
     params.h, params.f, params.decay = h.data_ptr(), f.data_ptr(), decay.data_ptr()
     params.h_next, params.v = h_next.data_ptr(), v.data_ptr()

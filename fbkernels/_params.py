@@ -2,10 +2,12 @@
 
 Each compiled module (fbkernels._C, fbkernels._C_avx2, fbkernels._C_cuda) registers its own Python classes
 FeedbackStepParams and ContextGateParams for the same C++ structs; a struct is made by the module that will run it.
-Tensors become their data pointers, None becomes 0 (absent); sizes come from ``like``, the dtype code from its
-dtype.
+Tensors become their data pointers, None becomes 0 (absent); sizes come from ``like`` ([B, C, *S]: B, C and
+N = prod(S)), the dtype code from its dtype.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -33,19 +35,21 @@ def _fill(params, fields: dict):
 
 
 def feedback_step_params(module, like: torch.Tensor, num_feedback: int, **fields):
-    """module.FeedbackStepParams for a state ``like`` [B, d, N] with k = num_feedback, then ``fields`` (tensors,
+    """module.FeedbackStepParams for a state ``like`` [B, d, *S] with k = num_feedback, then ``fields`` (tensors,
     None, ints or flags by field name)."""
     params = module.FeedbackStepParams()
-    params.B, params.d, params.N = like.shape
+    shape = like.shape
+    params.B, params.d, params.N = shape[0], shape[1], math.prod(shape[2:])
     params.k = int(num_feedback)
     params.dtype = dtype_code(like)
     return _fill(params, fields)
 
 
 def context_gate_params(module, like: torch.Tensor, alpha: float, **fields):
-    """module.ContextGateParams for a feature map ``like`` [B, C, N] and blend factor alpha, then ``fields``."""
+    """module.ContextGateParams for a feature map ``like`` [B, C, *S] and blend factor alpha, then ``fields``."""
     params = module.ContextGateParams()
-    params.B, params.C, params.N = like.shape
+    shape = like.shape
+    params.B, params.C, params.N = shape[0], shape[1], math.prod(shape[2:])
     params.alpha = float(alpha)
     params.dtype = dtype_code(like)
     return _fill(params, fields)

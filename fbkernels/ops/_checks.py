@@ -53,6 +53,18 @@ def canonical(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).contiguous()
 
 
+# Backends whose host functions take contiguous [B, d, *S] tensors as they come (their kernels see only B, d and
+# N = prod(S)) and return outputs of that shape. A reshape to [B, d, N] and back is two more dispatched torch calls
+# per tensor, which cost tens of microseconds when other ops have pushed PyTorch's own data out of the caches.
+SPATIAL_HOST_BACKENDS = ("cpp",)
+
+
+def host_layout(x: Tensor, backend: str) -> Tensor:
+    """``x`` [B, d, *S] in the layout ``backend``'s host functions take: contiguous, and canonical [B, d, N] unless
+    the backend is one of SPATIAL_HOST_BACKENDS."""
+    return x.contiguous() if backend in SPATIAL_HOST_BACKENDS else canonical(x)
+
+
 def flat(x: Tensor) -> Tensor:
     """[B, d, *S] -> [B, d, N], a view where the strides allow."""
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))

@@ -13,7 +13,8 @@ In order below: input validation, the eager reference (the "eager" backend's hos
 ``fbkernels::context_gate`` and ``fbkernels::context_gate_backward`` with their fake implementations, autograd, the
 autocast rule, the eager fast path (plain eager calls on the cpp backend run the custom op's host calls and autograd
 functions without its dispatcher layers), and the public function. The fused backends provide host functions with
-the reference's signatures, on the canonical contiguous [B, C, N] layout.
+the reference's signatures, on the canonical contiguous [B, C, N] layout (cpp's also on [B, C, *S]; see
+``host_layout``).
 """
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ from torch import Tensor
 
 from ..backends import host_module, resolve_backend
 from ._checks import (
-    canonical,
     check_like_state,
     check_tensor,
     compute_dtype,
     fast_path,
+    host_layout,
     register_autocast_to_state_dtype,
     unaliased,
     unrequested,
@@ -84,9 +85,9 @@ def context_gate_backward(
 # As for feedback_step, the backend is an op argument that context_gate() resolves before the call.
 
 def _forward_on_host(h: Tensor, gate_logits: Tensor, alpha: float, backend: str) -> Tensor:
-    """The forward op's body, which the eager fast path also runs: backend's host function on the canonical layout."""
-    out = host_module(backend).context_gate_forward(canonical(h), gate_logits.contiguous(), alpha)
-    return out if h.dim() == 3 else out.reshape(*h.shape)
+    """The forward op's body, which the eager fast path also runs: backend's host function on its layout."""
+    out = host_module(backend).context_gate_forward(host_layout(h, backend), gate_logits.contiguous(), alpha)
+    return out if out.dim() == h.dim() else out.reshape(*h.shape)
 
 
 def _backward_on_host(grad_out, h, gate_logits, alpha, backend, needs_grad) -> tuple[Tensor | None, Tensor | None]:
@@ -94,9 +95,9 @@ def _backward_on_host(grad_out, h, gate_logits, alpha, backend, needs_grad) -> t
     aliasing an input, an empty tensor for an absent gradient): (dL/dh, dL/dgate_logits), None where
     ``needs_grad`` leaves a gradient out."""
     grad_h, grad_gate = host_module(backend).context_gate_backward(
-        canonical(grad_out), canonical(h), gate_logits.contiguous(), alpha, tuple(needs_grad)
+        host_layout(grad_out, backend), host_layout(h, backend), gate_logits.contiguous(), alpha, tuple(needs_grad)
     )
-    return ((grad_h if h.dim() == 3 else grad_h.reshape(*h.shape)) if needs_grad[0] else None,
+    return ((grad_h if grad_h.dim() == h.dim() else grad_h.reshape(*h.shape)) if needs_grad[0] else None,
             grad_gate if needs_grad[1] else None)
 
 
