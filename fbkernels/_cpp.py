@@ -1,7 +1,7 @@
 """Host side of the "cpp" backend: allocates outputs with torch and calls the C++ kernels (fbkernels._C_avx2 or _C).
 
-All functions take contiguous [B, d, *S] tensors of one dtype on the CPU (the kernels see B, d and N = prod(S), so
-fbkernels.ops passes its tensors without reshaping them to its canonical [B, d, N]) and return outputs of that shape.
+All functions take contiguous [B, d, *S] tensors of one dtype on the CPU (the kernels see B, d and N = prod(S)) and
+return outputs of that shape.
 Each call fills one parameter struct (fbkernels/_params.py: sizes, dtype code, thread count; then pointers and which
 gradients to write, assigned field by field here: a call on small maps takes microseconds, and the generic keyword
 fill costs a few more) and calls one compiled entry per op and pass. The kernels run on PyTorch's own OpenMP thread

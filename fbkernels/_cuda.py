@@ -1,8 +1,9 @@
 """Host side of the "cuda" backend: allocates outputs and workspaces with torch and calls fbkernels._C_cuda.
 
-All functions take the canonical layout of fbkernels.ops: contiguous [B, d, N] tensors of one dtype on one CUDA
-device (float32, float64, float16 or bfloat16). Kernels run on that device's current stream, so they order
-correctly with surrounding PyTorch work and can be captured in CUDA graphs; nothing here synchronises.
+All functions take contiguous [B, d, *S] tensors of one dtype on one CUDA device (float32, float64, float16 or
+bfloat16) and return outputs of that shape; the kernels see B, d and N = prod(S). Kernels run on that device's
+current stream, so they order correctly with surrounding PyTorch work and can be captured in CUDA graphs; nothing
+here synchronises.
 """
 from __future__ import annotations
 
@@ -98,14 +99,14 @@ def _stream(device: torch.device) -> int:
 
 
 def feedback_step_forward(h, f, decay, num_feedback):
-    """h, f: [B, d, N]; decay: [d, d]. Returns (h_next [B, d, N], v [B, k, N])."""
+    """h, f: [B, d, *S]; decay: [d, d]. Returns (h_next [B, d, *S], v [B, k, *S])."""
     _check(h, f, decay)
     with torch.cuda.device(h.device):
         return launch_feedback_step_forward(_ext(), _stream(h.device), h, f, decay, num_feedback)
 
 
 def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback, needs_grad=(True, True, True)):
-    """grad_h: [B, d, N] or None; grad_v: [B, k, N] or None. Returns (grad_h_in [B, d, N], grad_f [B, d, N],
+    """grad_h: [B, d, *S] or None; grad_v: [B, k, *S] or None. Returns (grad_h_in [B, d, *S], grad_f [B, d, *S],
     grad_decay [d, d]), each None where needs_grad says it is not needed (its work is skipped)."""
     _check(f, v, decay, grad_h, grad_v)
     with torch.cuda.device(f.device):
@@ -115,14 +116,14 @@ def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback, needs_grad
 
 
 def context_gate_forward(h, gate_logits, alpha):
-    """h: [B, C, N]; gate_logits: [B, C]. Returns out [B, C, N]."""
+    """h: [B, C, *S]; gate_logits: [B, C]. Returns out [B, C, *S]."""
     _check(h, gate_logits)
     with torch.cuda.device(h.device):
         return launch_context_gate_forward(_ext(), _stream(h.device), h, gate_logits, alpha)
 
 
 def context_gate_backward(grad_out, h, gate_logits, alpha, needs_grad=(True, True)):
-    """grad_out, h: [B, C, N]; gate_logits: [B, C]. Returns (grad_h [B, C, N], grad_gate_logits [B, C]), each None
+    """grad_out, h: [B, C, *S]; gate_logits: [B, C]. Returns (grad_h [B, C, *S], grad_gate_logits [B, C]), each None
     where needs_grad says it is not needed."""
     _check(grad_out, h, gate_logits)
     with torch.cuda.device(h.device):
@@ -134,9 +135,8 @@ def context_gate_backward(grad_out, h, gate_logits, alpha, needs_grad=(True, Tru
 # this same host code against the CPU emulation of the CUDA kernels.
 
 def launch_feedback_step_forward(ext, stream, h, f, decay, num_feedback):
-    B, _, N = h.shape
     h_next = torch.empty_like(h)
-    v = torch.empty((B, int(num_feedback), N), dtype=h.dtype, device=h.device)
+    v = torch.empty((h.shape[0], int(num_feedback), *h.shape[2:]), dtype=h.dtype, device=h.device)
     ext.feedback_step_forward(feedback_step_params(
         ext, h, num_feedback, stream=stream, h=h, f=f, decay=decay, h_next=h_next, v=v))
     return h_next, v

@@ -3,7 +3,7 @@
 Each compiled module (fbkernels._C, fbkernels._C_avx2, fbkernels._C_cuda) registers its own Python classes
 FeedbackStepParams and ContextGateParams for the same C++ structs; a struct is made by the module that will run it.
 Tensors become their data pointers, None becomes 0 (absent); sizes come from ``like`` ([B, C, *S]: B, C and
-N = prod(S)), the dtype code from its dtype.
+N = spatial_numel), the dtype code from its dtype.
 """
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ import torch
 
 # csrc/common.h's DType codes.
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def spatial_numel(shape) -> int:
+    """N = prod(S) of a [B, C, *S] shape: the positions per (b, c) that every kernel sees (1 for [B, C])."""
+    return math.prod(shape[2:])
 
 
 def dtype_code(t: torch.Tensor) -> int:
@@ -39,7 +44,7 @@ def feedback_step_params(module, like: torch.Tensor, num_feedback: int, **fields
     None, ints or flags by field name)."""
     params = module.FeedbackStepParams()
     shape = like.shape
-    params.B, params.d, params.N = shape[0], shape[1], math.prod(shape[2:])
+    params.B, params.d, params.N = shape[0], shape[1], spatial_numel(shape)
     params.k = int(num_feedback)
     params.dtype = dtype_code(like)
     return _fill(params, fields)
@@ -49,7 +54,7 @@ def context_gate_params(module, like: torch.Tensor, alpha: float, **fields):
     """module.ContextGateParams for a feature map ``like`` [B, C, *S] and blend factor alpha, then ``fields``."""
     params = module.ContextGateParams()
     shape = like.shape
-    params.B, params.C, params.N = shape[0], shape[1], math.prod(shape[2:])
+    params.B, params.C, params.N = shape[0], shape[1], spatial_numel(shape)
     params.alpha = float(alpha)
     params.dtype = dtype_code(like)
     return _fill(params, fields)

@@ -210,7 +210,7 @@ _HOST_MODULES = {"eager": "fbkernels._reference", "cpp": "fbkernels._cpp", "cuda
 def host_module(name: str) -> ModuleType:
     """The module holding backend ``name``'s host functions: feedback_step_forward/_backward and
     context_gate_forward/_backward with the signatures of the eager reference in fbkernels/ops/feedback_step.py and
-    fbkernels/ops/context_gate.py, on contiguous [B, d, N] tensors."""
+    fbkernels/ops/context_gate.py, on contiguous [B, d, *S] tensors."""
     module_name = _HOST_MODULES.get(name)
     if module_name is None:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {name!r}")

@@ -256,6 +256,33 @@ def test_context_gate_unaligned_and_empty_rows(ext):
     torch.testing.assert_close(grad_a, torch.zeros(2, 3))
 
 
+@pytest.mark.parametrize("spatial", [(), (3, 5), (2, 3, 4)])
+def test_launchers_take_any_spatial_rank(ext, spatial):
+    """The launchers take contiguous [B, d, *S] as fbkernels.ops passes them and return outputs of that shape,
+    equal in bits to their results on the flat [B, d, N] layout."""
+    B, d, k, N = 2, 5, 2, math.prod(spatial)
+    h, f, decay = _feedback_inputs(B, d, N, torch.float32)
+    shaped = [t.view(B, d, *spatial) for t in (h, f)]
+    h_next, v = _cuda.launch_feedback_step_forward(ext, STREAM, *shaped, decay, k)
+    assert h_next.shape == (B, d, *spatial) and v.shape == (B, k, *spatial)
+    flat_h_next, flat_v = _cuda.launch_feedback_step_forward(ext, STREAM, h, f, decay, k)
+    assert torch.equal(h_next.view(B, d, N), flat_h_next) and torch.equal(v.view(B, k, N), flat_v)
+    grad_h, grad_v = torch.randn(B, d, N), torch.randn(B, k, N)
+    grads = _cuda.launch_feedback_step_backward(ext, STREAM, grad_h.view(B, d, *spatial), grad_v.view(B, k, *spatial),
+                                                shaped[1], v, decay, k)
+    flat_grads = _cuda.launch_feedback_step_backward(ext, STREAM, grad_h, grad_v, f, flat_v, decay, k)
+    assert [g.shape for g in grads] == [(B, d, *spatial), (B, d, *spatial), (d, d)]
+    for got, want in zip(grads, flat_grads):
+        assert torch.equal(got.reshape(want.shape), want)
+    a = torch.randn(B, d)
+    out = _cuda.launch_context_gate_forward(ext, STREAM, shaped[0], a, 0.3)
+    assert out.shape == shaped[0].shape
+    assert torch.equal(out.view(B, d, N), _cuda.launch_context_gate_forward(ext, STREAM, h, a, 0.3))
+    got_h, got_a = _cuda.launch_context_gate_backward(ext, STREAM, grad_h.view(shaped[0].shape), shaped[0], a, 0.3)
+    want_h, want_a = _cuda.launch_context_gate_backward(ext, STREAM, grad_h, h, a, 0.3)
+    assert got_h.shape == shaped[0].shape and torch.equal(got_h.view(B, d, N), want_h) and torch.equal(got_a, want_a)
+
+
 def test_every_kernel_runs_on_the_given_stream(ext):
     """The launchers launch only on the stream Python passes (PyTorch's current stream: CUDA graphs need that)."""
     stream = 0x5EED0

@@ -823,33 +823,33 @@ def test_fast_path_passes_an_unused_outputs_gradient_as_none(use, monkeypatch):
     assert received == [(use == "v", use == "h_next")]
 
 
-@needs_cpp
 @pytest.mark.parametrize("spatial", [(), (7,), (3, 5), (2, 3, 4)])
-def test_cpp_host_functions_take_any_spatial_rank(spatial):
-    """The cpp host functions take contiguous [B, d, *S] as they come (the ops pass them without reshaping) and
-    return outputs of that shape, equal in bits to their results on the canonical [B, d, N] layout."""
-    cpp = host_module("cpp")
-    h, f, decay = (t.detach() for t in _feedback_inputs(2, 5, spatial, F32))
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_host_functions_take_any_spatial_rank(backend, device, spatial):
+    """Every backend's host functions take contiguous [B, d, *S] as they come (the ops pass them without reshaping)
+    and return outputs of that shape, equal in bits to their results on the flat [B, d, N] layout."""
+    host = host_module(backend)
+    h, f, decay = (t.detach() for t in _feedback_inputs(2, 5, spatial, F64, device))
     k = 2
     flat = [t.reshape(2, 5, math.prod(spatial)) for t in (h, f)]
-    h_next, v = cpp.feedback_step_forward(h, f, decay, k)
+    h_next, v = host.feedback_step_forward(h, f, decay, k)
     assert h_next.shape == h.shape and v.shape == (2, k, *spatial)
-    for got, want in zip((h_next, v), cpp.feedback_step_forward(*flat, decay, k)):
+    for got, want in zip((h_next, v), host.feedback_step_forward(*flat, decay, k)):
         assert torch.equal(got.reshape(want.shape), want)
     grad_h, grad_v = torch.randn_like(h), torch.randn_like(v)
-    grads = cpp.feedback_step_backward(grad_h, grad_v, f, v, decay, k)
-    flat_grads = cpp.feedback_step_backward(grad_h.reshape(flat[0].shape), grad_v.reshape(2, k, -1), flat[1],
-                                            v.reshape(2, k, -1), decay, k)
+    grads = host.feedback_step_backward(grad_h, grad_v, f, v, decay, k)
+    flat_grads = host.feedback_step_backward(grad_h.reshape(flat[0].shape), grad_v.reshape(2, k, -1), flat[1],
+                                             v.reshape(2, k, -1), decay, k)
     assert [g.shape for g in grads] == [h.shape, h.shape, decay.shape]
     for got, want in zip(grads, flat_grads):
         assert torch.equal(got.reshape(want.shape), want)
-    gate = torch.randn(2, 5)
-    out = cpp.context_gate_forward(h, gate, 0.3)
+    gate = torch.randn(2, 5, dtype=F64, device=device)
+    out = host.context_gate_forward(h, gate, 0.3)
     assert out.shape == h.shape
-    assert torch.equal(out.reshape(flat[0].shape), cpp.context_gate_forward(flat[0], gate, 0.3))
+    assert torch.equal(out.reshape(flat[0].shape), host.context_gate_forward(flat[0], gate, 0.3))
     grad_out = torch.randn_like(h)
-    grad_h_in, grad_gate = cpp.context_gate_backward(grad_out, h, gate, 0.3)
-    want_h, want_gate = cpp.context_gate_backward(grad_out.reshape(flat[0].shape), flat[0], gate, 0.3)
+    grad_h_in, grad_gate = host.context_gate_backward(grad_out, h, gate, 0.3)
+    want_h, want_gate = host.context_gate_backward(grad_out.reshape(flat[0].shape), flat[0], gate, 0.3)
     assert grad_h_in.shape == h.shape and torch.equal(grad_h_in.reshape(want_h.shape), want_h)
     assert torch.equal(grad_gate, want_gate)
 

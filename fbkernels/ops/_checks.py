@@ -1,14 +1,15 @@
-"""What the op modules share: input checks for the public functions, the canonical [B, d, N] layout, the dtype the
+"""What the op modules share: input checks for the public functions, the flat [B, d, N] view, the dtype the
 reference computes in, the empty stand-in for a gradient autograd did not ask for, the autocast rule that
 casts an op's other tensors to its state's dtype, and the test for a plain eager call that may skip the custom op."""
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from .._params import spatial_numel
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -46,28 +47,10 @@ def check_int(name: str, value) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
-def canonical(x: Tensor) -> Tensor:
-    """[B, d, *S] -> contiguous [B, d, N], N = prod(S) (written out: -1 is ambiguous for a batch of 0)."""
-    if x.dim() == 3:  # already [B, d, N]: no reshape, which costs more than the small kernels' work
-        return x.contiguous()
-    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).contiguous()
-
-
-# Backends whose host functions take contiguous [B, d, *S] tensors as they come (their kernels see only B, d and
-# N = prod(S)) and return outputs of that shape. A reshape to [B, d, N] and back is two more dispatched torch calls
-# per tensor, which cost tens of microseconds when other ops have pushed PyTorch's own data out of the caches.
-SPATIAL_HOST_BACKENDS = ("cpp",)
-
-
-def host_layout(x: Tensor, backend: str) -> Tensor:
-    """``x`` [B, d, *S] in the layout ``backend``'s host functions take: contiguous, and canonical [B, d, N] unless
-    the backend is one of SPATIAL_HOST_BACKENDS."""
-    return x.contiguous() if backend in SPATIAL_HOST_BACKENDS else canonical(x)
-
-
 def flat(x: Tensor) -> Tensor:
-    """[B, d, *S] -> [B, d, N], a view where the strides allow."""
-    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+    """[B, d, *S] -> [B, d, N], N = prod(S), a view where the strides allow (N written out: -1 is ambiguous for a
+    batch of 0)."""
+    return x.reshape(x.shape[0], x.shape[1], spatial_numel(x.shape))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

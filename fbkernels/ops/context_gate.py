@@ -13,8 +13,8 @@ In order below: input validation, the eager reference (the "eager" backend's hos
 ``fbkernels::context_gate`` and ``fbkernels::context_gate_backward`` with their fake implementations, autograd, the
 autocast rule, the eager fast path (plain eager calls on the cpp backend run the custom op's host calls and autograd
 functions without its dispatcher layers), and the public function. The fused backends provide host functions with
-the reference's signatures, on the canonical contiguous [B, C, N] layout (cpp's also on [B, C, *S]; see
-``host_layout``).
+the reference's signatures on contiguous [B, C, *S] tensors; their kernels see B, C and N = prod(S), and the op
+passes its tensors without reshaping them.
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ from ._checks import (
     check_tensor,
     compute_dtype,
     fast_path,
-    host_layout,
     register_autocast_to_state_dtype,
     unaliased,
     unrequested,
@@ -85,20 +84,17 @@ def context_gate_backward(
 # As for feedback_step, the backend is an op argument that context_gate() resolves before the call.
 
 def _forward_on_host(h: Tensor, gate_logits: Tensor, alpha: float, backend: str) -> Tensor:
-    """The forward op's body, which the eager fast path also runs: backend's host function on its layout."""
-    out = host_module(backend).context_gate_forward(host_layout(h, backend), gate_logits.contiguous(), alpha)
-    return out if out.dim() == h.dim() else out.reshape(*h.shape)
+    """The forward op's body, which the eager fast path also runs: backend's host function on contiguous inputs."""
+    return host_module(backend).context_gate_forward(h.contiguous(), gate_logits.contiguous(), alpha)
 
 
 def _backward_on_host(grad_out, h, gate_logits, alpha, backend, needs_grad) -> tuple[Tensor | None, Tensor | None]:
     """The backward op's body, which the eager fast path also runs (the op adds its own contract: no output
     aliasing an input, an empty tensor for an absent gradient): (dL/dh, dL/dgate_logits), None where
     ``needs_grad`` leaves a gradient out."""
-    grad_h, grad_gate = host_module(backend).context_gate_backward(
-        host_layout(grad_out, backend), host_layout(h, backend), gate_logits.contiguous(), alpha, tuple(needs_grad)
+    return host_module(backend).context_gate_backward(
+        grad_out.contiguous(), h.contiguous(), gate_logits.contiguous(), alpha, tuple(needs_grad)
     )
-    return ((grad_h if grad_h.dim() == h.dim() else grad_h.reshape(*h.shape)) if needs_grad[0] else None,
-            grad_gate if needs_grad[1] else None)
 
 
 @torch.library.custom_op("fbkernels::context_gate", mutates_args=())

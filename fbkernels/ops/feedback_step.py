@@ -14,8 +14,8 @@ In order below: input validation, the eager reference (the "eager" backend's hos
 ``fbkernels::feedback_step`` and ``fbkernels::feedback_step_backward`` with their fake implementations, autograd,
 the autocast rule, the eager fast path (plain eager calls on the cpp backend run the custom op's host calls and
 autograd functions without its dispatcher layers), and the public function. The fused backends (fbkernels/_cpp.py,
-_cuda.py, triton/) provide host functions with the reference's signatures, on the canonical contiguous [B, d, N]
-layout (cpp's also on [B, d, *S]; see ``host_layout``).
+_cuda.py, triton/) provide host functions with the reference's signatures on contiguous [B, d, *S] tensors; their
+kernels see B, d and N = prod(S), and the op passes its tensors without reshaping them.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from ._checks import (
     compute_dtype,
     fast_path,
     flat,
-    host_layout,
     register_autocast_to_state_dtype,
     unaliased,
     unrequested,
@@ -97,25 +96,18 @@ def feedback_step_backward(
 # which dispatch keys cannot tell apart. feedback_step() resolves it before the call, so a graph holds a constant.
 
 def _forward_on_host(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int, backend: str) -> tuple[Tensor, Tensor]:
-    """The forward op's body, which the eager fast path also runs: backend's host function on its layout."""
-    h_next, v = host_module(backend).feedback_step_forward(
-        host_layout(h, backend), host_layout(f, backend), decay.contiguous(), num_feedback)
-    if h_next.dim() == h.dim():
-        return h_next, v
-    return h_next.reshape(*h.shape), v.reshape(h.shape[0], num_feedback, *h.shape[2:])
+    """The forward op's body, which the eager fast path also runs: backend's host function on contiguous inputs."""
+    return host_module(backend).feedback_step_forward(h.contiguous(), f.contiguous(), decay.contiguous(), num_feedback)
 
 
 def _backward_on_host(grad_h, grad_v, f, v, decay, num_feedback, backend, needs_grad) -> tuple[Tensor | None, ...]:
     """The backward op's body, which the eager fast path also runs (the op adds its own contract: no output
     aliasing an input, an empty tensor for an absent gradient): (dL/dh, dL/df, dL/ddecay), None where
     ``needs_grad`` leaves a gradient out."""
-    grads = host_module(backend).feedback_step_backward(
-        None if grad_h is None else host_layout(grad_h, backend),
-        None if grad_v is None else host_layout(grad_v, backend),
-        host_layout(f, backend), host_layout(v, backend), decay.contiguous(), num_feedback, tuple(needs_grad),
+    return host_module(backend).feedback_step_backward(
+        None if grad_h is None else grad_h.contiguous(), None if grad_v is None else grad_v.contiguous(),
+        f.contiguous(), v.contiguous(), decay.contiguous(), num_feedback, tuple(needs_grad),
     )
-    return tuple((grad if grad.dim() == like.dim() else grad.reshape(*like.shape)) if needed else None
-                 for grad, needed, like in zip(grads, needs_grad, (f, f, decay)))
 
 
 @torch.library.custom_op("fbkernels::feedback_step", mutates_args=())

@@ -1,6 +1,6 @@
 """The "triton" backend: fused Triton kernels registered with ``torch.library.triton_op``.
 
-Host functions share the canonical signatures of fbkernels._reference (contiguous [B, d, N] / [B, C, N] tensors);
+Host functions share the signatures of fbkernels._reference (contiguous [B, d, *S] / [B, C, *S] tensors);
 fbkernels.ops dispatches to them. Importing this package imports Triton: on CPU tensors the kernels run only
 when TRITON_INTERPRET=1 was set before Triton was first imported.
 """

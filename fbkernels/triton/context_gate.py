@@ -1,7 +1,8 @@
 """Triton context gate: ``out = h * (alpha + (1 - alpha) * sigmoid(a))`` per (b, c) row, and its backward.
 
-Canonical layout: h, out, grad_out, grad_h: [B, C, N] contiguous; gate_logits a, grad_gate_logits: [B, C]; one dtype
-(float32, float64, float16, bfloat16; fp16/bf16 compute in fp32), one device.
+Layout: h, out, grad_out, grad_h: [B, C, *S] contiguous, which the kernels address as [B, C, N] with N = prod(S);
+gate_logits a, grad_gate_logits: [B, C]; one dtype (float32, float64, float16, bfloat16; fp16/bf16 compute in
+fp32), one device.
 
 Every (b, c) row is one gate scale times N positions, so both passes are elementwise streams over h: the forward
 reads h once and writes out once; the backward reads grad_out and h once, writes grad_h once and reduces
@@ -19,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .._params import spatial_numel
 from ._utils import INTERPRETING, check_launchable, device_guard, kernel_is_interpreted, partial_dtype, upcast
 
 # Positions per backward partial (a multiple of BLOCK_N): one fp32 partial per (row, chunk) keeps the reduction
@@ -123,7 +125,7 @@ _GRAD_LOGITS_ROWS = 128
 
 @triton_op("fbkernels::context_gate_forward_triton", mutates_args=())
 def _context_gate_forward_op(h: Tensor, gate_logits: Tensor, alpha: float) -> Tensor:
-    B, C, N = h.shape
+    B, C, N = h.shape[0], h.shape[1], spatial_numel(h.shape)
     out = torch.empty_like(h)
     if out.numel() == 0:
         return out
@@ -144,7 +146,7 @@ def _context_gate_backward_op(
     grad_out: Tensor, h: Tensor, gate_logits: Tensor, alpha: float, needs_grad: list[bool]
 ) -> tuple[Tensor, Tensor]:
     """Gradients in needs_grad order (grad_h, grad_gate_logits); one not needed is an empty placeholder."""
-    B, C, N = h.shape
+    B, C, N = h.shape[0], h.shape[1], spatial_numel(h.shape)
     need_h, need_gate = needs_grad
     grad_h = torch.empty_like(h) if need_h else h.new_empty(0)
     grad_gate_logits = torch.empty_like(gate_logits) if need_gate else gate_logits.new_empty(0)
@@ -174,13 +176,13 @@ def _context_gate_backward_op(
 
 
 def context_gate_forward(h: Tensor, gate_logits: Tensor, alpha: float) -> Tensor:
-    """out [B, C, N] for contiguous h: [B, C, N] and gate_logits: [B, C]."""
+    """out [B, C, *S] for contiguous h: [B, C, *S] and gate_logits: [B, C]."""
     return torch.ops.fbkernels.context_gate_forward_triton(h, gate_logits, float(alpha))
 
 
 def context_gate_backward(grad_out: Tensor, h: Tensor, gate_logits: Tensor, alpha: float,
                           needs_grad=(True, True)) -> tuple[Tensor | None, Tensor | None]:
-    """(grad_h [B, C, N], grad_gate_logits [B, C]) of the context gate, None where needs_grad says not needed."""
+    """(grad_h [B, C, *S], grad_gate_logits [B, C]) of the context gate, None where needs_grad says not needed."""
     needs = [bool(n) for n in needs_grad]
     grads = torch.ops.fbkernels.context_gate_backward_triton(grad_out, h, gate_logits, float(alpha), needs)
     return tuple(g if need else None for g, need in zip(grads, needs))

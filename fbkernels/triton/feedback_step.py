@@ -1,7 +1,8 @@
 """Triton feedback step: ``h_next = h + M @ f`` per position, ``v = softmax(h_next[:, d-k:])``, and its backward.
 
-Canonical layout: h, f, h_next, grad_h, grad_f: [B, d, N]; v, grad_v: [B, k, N]; M (decay): [d, d]; all contiguous,
-one dtype (float32, float64, float16, bfloat16; fp16/bf16 accumulate in fp32), one device.
+Layout: h, f, h_next, grad_h, grad_f: [B, d, *S]; v, grad_v: [B, k, *S] (the kernels address them as [B, *, N] with
+N = prod(S)); M (decay): [d, d]; all contiguous, one dtype (float32, float64, float16, bfloat16; fp16/bf16
+accumulate in fp32), one device.
 
 A tile is BLOCK_N positions of one batch element with all d channels (padded to D_PAD = next power of 2) in
 registers, so the forward reads h and f once and writes h_next and v once. The channel mix uses ``tl.dot`` (tensor
@@ -24,6 +25,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import _reference
+from .._params import spatial_numel
 from ._utils import (
     INTERPRETING,
     check_launchable,
@@ -239,9 +241,9 @@ def _d_pad(d: int) -> int:
 
 @triton_op("fbkernels::feedback_step_forward_triton", mutates_args=())
 def _feedback_step_forward_op(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int) -> tuple[Tensor, Tensor]:
-    B, d, N = h.shape
+    B, d, N = h.shape[0], h.shape[1], spatial_numel(h.shape)
     h_next = torch.empty_like(h)
-    v = h.new_empty((B, num_feedback, N))
+    v = h.new_empty((B, num_feedback, *h.shape[2:]))
     if B * N == 0:
         return h_next, v
     check_launchable(h, _FORWARD_INTERPRETED)
@@ -267,7 +269,7 @@ def _feedback_step_backward_op(
     needs_grad: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients in needs_grad order (grad_h_in, grad_f, grad_decay); one not needed is an empty placeholder."""
-    B, d, N = f.shape
+    B, d, N = f.shape[0], f.shape[1], spatial_numel(f.shape)
     need_h, need_f, need_decay = needs_grad
     grad_h_in = torch.empty_like(f) if need_h else f.new_empty(0)
     grad_f = torch.empty_like(f) if need_f else f.new_empty(0)
@@ -307,14 +309,14 @@ def _feedback_step_backward_op(
                 partials, grad_decay, num_programs, d * d, BLOCK=_SUM_BLOCK
             )
     if g is not None:
-        grad_decay.copy_(torch.einsum("bin,bjn->ij", g, f.to(g.dtype)))
+        grad_decay.copy_(torch.einsum("bin,bjn->ij", g.reshape(B, d, N), f.to(g.dtype).reshape(B, d, N)))
         if need_h:
             grad_h_in.copy_(g)
     return grad_h_in, grad_f, grad_decay
 
 
 def feedback_step_forward(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int) -> tuple[Tensor, Tensor]:
-    """(h_next [B, d, N], v [B, k, N]) for contiguous h, f: [B, d, N] and decay: [d, d]; k = num_feedback."""
+    """(h_next [B, d, *S], v [B, k, *S]) for contiguous h, f: [B, d, *S] and decay: [d, d]; k = num_feedback."""
     return torch.ops.fbkernels.feedback_step_forward_triton(h, f, decay, int(num_feedback))
 
 
