@@ -11,10 +11,11 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 rev=HEAD
-case "${1:-}" in
-  feedback_step_forward | feedback_step_backward | context_gate_forward | context_gate_backward | "") ;;
-  *) rev=$1; shift ;;
-esac
+# A first argument that names a commit is REV; anything else is the program's OP (it checks the op names).
+if [ $# -gt 0 ] && git -C "$repo" rev-parse --verify --quiet "$1^{commit}" > /dev/null; then
+  rev=$1
+  shift
+fi
 if [ $# -lt 5 ]; then
   sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2

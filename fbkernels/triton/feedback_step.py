@@ -26,6 +26,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _reference
 from .._params import spatial_numel
+from ..ops._checks import flat
 from ._utils import (
     INTERPRETING,
     check_launchable,
@@ -309,7 +310,7 @@ def _feedback_step_backward_op(
                 partials, grad_decay, num_programs, d * d, BLOCK=_SUM_BLOCK
             )
     if g is not None:
-        grad_decay.copy_(torch.einsum("bin,bjn->ij", g.reshape(B, d, N), f.to(g.dtype).reshape(B, d, N)))
+        grad_decay.copy_(torch.einsum("bin,bjn->ij", flat(g), flat(f.to(g.dtype))))
         if need_h:
             grad_h_in.copy_(g)
     return grad_h_in, grad_f, grad_decay
