@@ -164,14 +164,15 @@ inline void accumulate_outer(T* __restrict dM, const T* __restrict g, const T* _
     for (int64_t j0 = 0; j0 < rows; j0 += kOuterCols) {
       V acc[kOuterRows][kOuterCols] = {};
       for (int64_t n = 0; n < padded; n += L) {
-        V f_vec[kOuterCols];
-#pragma GCC unroll 8
-        for (int64_t b = 0; b < kOuterCols; ++b) f_vec[b] = load_vector<T>(f + (j0 + b) * stride + n);
+        V g_vec[kOuterRows];
 #pragma GCC unroll 4
-        for (int64_t a = 0; a < kOuterRows; ++a) {
-          const V g_vec = load_vector<T>(g + (i0 + a) * stride + n);
+        for (int64_t a = 0; a < kOuterRows; ++a) g_vec[a] = load_vector<T>(g + (i0 + a) * stride + n);
 #pragma GCC unroll 8
-          for (int64_t b = 0; b < kOuterCols; ++b) acc[a][b] = multiply_add<T>(g_vec, f_vec[b], acc[a][b]);
+        for (int64_t b = 0; b < kOuterCols; ++b) {
+          V f_vec = load_vector<T>(f + (j0 + b) * stride + n);
+          keep_in_register(f_vec);  // 12 accumulators + 2 g + 1 f: 15 of the 16 vector registers
+#pragma GCC unroll 4
+          for (int64_t a = 0; a < kOuterRows; ++a) acc[a][b] = multiply_add<T>(g_vec[a], f_vec, acc[a][b]);
         }
       }
       for (int64_t a = 0; a < kOuterRows; ++a)
