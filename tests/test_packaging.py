@@ -184,3 +184,23 @@ def test_cbl_summary_runs_without_scipy():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert float(run.stdout) == pytest.approx(0.127643, abs=1e-6)  # scipy.stats.ttest_rel on these numbers
+
+
+def test_cuda_architectures_given_once_do_not_stick_in_the_build_cache(tmp_path):
+    """pip reuses build/: a -DCMAKE_CUDA_ARCHITECTURES given to one build must not apply to the next (README)."""
+    import shutil
+
+    pybind11 = pytest.importorskip("pybind11")
+    cmake = shutil.which("cmake")
+    if cmake is None or shutil.which("nvcc") is None:
+        pytest.skip("needs cmake and nvcc")
+    common = [cmake, "-S", str(ROOT), "-B", str(tmp_path), "-DFBKERNELS_CUDA=ON",
+              f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}"]
+
+    def configure(*extra):
+        run = subprocess.run([*common, *extra], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        return next(line for line in run.stdout.splitlines() if "building CUDA kernels for" in line)
+
+    assert configure("-DCMAKE_CUDA_ARCHITECTURES=86").endswith("for 86")
+    assert configure().endswith("for 75-real;80-real;86-real;89-real;90-real;90-virtual")
