@@ -24,6 +24,7 @@ ENVIRONMENT_VARIABLE = "FBKERNELS_BACKEND"
 # Auto choice, most preferred first. On CUDA tensors "cuda" comes first: see README "Backends" for why.
 _PREFERENCE = {"cpu": ("cpp", "eager"), "cuda": ("cuda", "triton", "eager")}
 _NATIVE_DTYPES = {"cpp": (torch.float32, torch.float64)}
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def triton_interpreting() -> bool:
@@ -47,7 +48,7 @@ def _source_tree_message(root: str) -> str:
         f"fbkernels is imported from its source tree {root}, which has no compiled modules (the current directory "
         "comes first on sys.path and shadows an installed fbkernels). Run Python from another directory, or with "
         "`python -P` (Python 3.11+ leaves the current directory off sys.path), or install this tree editable: "
-        "`pip install --no-build-isolation -e .`"
+        "`pip install scikit-build-core pybind11`, then `pip install --no-build-isolation -e .`"
     )
 
 
@@ -76,7 +77,11 @@ _WARNED: set[str] = set()
 def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        # Attributed to the first caller outside this package (the paths into it differ in depth).
+        frame, stacklevel = sys._getframe(), 1
+        while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            frame, stacklevel = frame.f_back, stacklevel + 1
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
 def _probe(name: str, device_type: str, device_index: int | None, interpreting: bool) -> str | None:

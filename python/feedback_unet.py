@@ -1030,7 +1030,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Preset]:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (None: cuda if available, else cpu)")
     parser.add_argument("--backend", default=None, choices=list(fbkernels.backends.BACKENDS),
                         help="fbkernels backend of the feedback step (None: fastest available)")
-    parser.add_argument("--out", default=None, help="output directory (None: python/results/<preset>)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (None: runs/feedback_unet/<preset>, outside the committed results in "
+                             "python/results/)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="training runs trained at once, each in its own process with --threads threads (2 on a "
                              "2-core CPU halves the wall time of the quick preset; runs are cached, so any mix of "
@@ -1041,7 +1043,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Preset]:
                              "else torch's default)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a preset field, e.g. --set epochs=2 --set sigmas=0,5")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars (shown by default)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -1060,7 +1063,7 @@ def main(argv=None):
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.out = args.out or str(Path(__file__).resolve().parent / "results" / args.preset)
+    args.out = args.out or str(Path("runs") / "feedback_unet" / args.preset)
     started = time.perf_counter()
     EXPERIMENTS[args.experiment](args, preset)
     if train.is_main_process():

@@ -85,6 +85,7 @@ def test_source_tree_without_compiled_modules_is_diagnosed(tmp_path):
             except ValueError as err:
                 print("ERROR", err)
         print("WARNINGS", len([w for w in caught if "source tree" in str(w.message)]))
+        print("WARNED_AT", [w.filename for w in caught if "source tree" in str(w.message)])
     """ % str(tree), cwd=tree, isolated_site=True)
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
@@ -97,6 +98,8 @@ def test_source_tree_without_compiled_modules_is_diagnosed(tmp_path):
     error = next(line for line in out.splitlines() if line.startswith("ERROR"))
     assert "source tree" in error, error
     assert "WARNINGS 1" in out, out
+    assert "WARNED_AT ['<string>']" in out, out  # the user's line, not a frame inside the package
+    assert "pip install scikit-build-core pybind11" in reason, reason
 
 
 def test_installed_package_is_not_diagnosed_as_a_source_tree():

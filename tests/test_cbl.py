@@ -429,6 +429,17 @@ def test_new_options_are_validated_with_clear_errors():
         SmallCNN(3, 7, pooled_size=0)
     with pytest.raises(ValueError, match=r"dropout must be a float in \[0, 1\), got 1.0"):
         StandardCNN(3, 7, dropout=1.0)
+    with pytest.raises(TypeError, match=r"dropout must be a float in \[0, 1\), got str '0.1'"):
+        StandardCNN(3, 7, dropout="0.1")
+    # Sizes are ints under the user's names: a float is refused, not truncated or passed on to torch.
+    with pytest.raises(TypeError, match=r"widths\[0\] must be an int >= 1, got float 4.5"):
+        CBLCNN(3, 7, widths=(4.5, 8, 8, 8))
+    with pytest.raises(TypeError, match="in_channels must be an int >= 1, got float 3.0"):
+        CBLCNN(3.0, 10)
+    with pytest.raises(TypeError, match="hidden must be an int >= 1, got float 8.5"):
+        CBLCNN(3, 10, hidden=8.5)
+    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+        StandardCNN(3, 0)
     with pytest.raises(ValueError, match=r"vector_blocks must be indices in 0..1, got \(2,\)"):
         ContextualLoops([nn.Identity(), nn.Identity()], nn.Identity(), [3, 3], 3, vector_blocks=[2])
     with pytest.raises(TypeError, match="context_dim must be an int >= 1"):

@@ -229,6 +229,22 @@ def test_one_class_with_softmax_is_refused_and_without_softmax_feeds_back_the_st
         model.softmax = True
 
 
+def test_constructor_sizes_are_checked_under_the_users_names():
+    # Before the U-Net is built: its own checks would name in_channels + num_classes, not what the user passed.
+    with pytest.raises(ValueError, match="width must be >= 1, got 0"):
+        FeedbackUNet(3, 2, width=0)
+    with pytest.raises(ValueError, match="depth must be >= 0, got -1"):
+        FeedbackUNet(3, 2, depth=-1)
+    with pytest.raises(TypeError, match="in_channels must be an int >= 1, got float 3.0"):
+        FeedbackUNet(3.0, 2)
+    with pytest.raises(TypeError, match="width must be an int >= 1, got float 2.5"):
+        FeedbackUNet(3, 2, width=2.5)
+    with pytest.raises(TypeError, match="out_channels must be an int >= 1, got str '2'"):
+        UNet(3, "2")
+    with pytest.raises(ValueError, match="width must be >= 1, got 0"):
+        FeedforwardUNet(3, 2, width=0)
+
+
 def test_settings_are_validated_where_they_enter():
     model = tiny()
     x = torch.rand(1, 3, 8, 8)

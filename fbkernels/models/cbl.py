@@ -79,9 +79,19 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
 
 
 def _check_dropout(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"dropout must be a float in [0, 1), got {type(value).__name__} {value!r}")
+    if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {value!r}")
     return float(value)
+
+
+def _check_widths(value, count: int, what: str) -> tuple[int, ...]:
+    """``count`` channel counts, each an int >= 1 (a float such as 4.5 is refused, not truncated)."""
+    widths = tuple(value)
+    if len(widths) != count:
+        raise ValueError(f"widths must be {count} positive channel counts ({what}), got {widths}")
+    return tuple(check_int_setting(f"widths[{i}]", width, 1) for i, width in enumerate(widths))
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -118,13 +128,9 @@ class StandardCNN(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        widths = tuple(int(w) for w in widths)
-        if len(widths) != 4 or min(widths) < 1:
-            raise ValueError(f"widths must be 4 positive channel counts (one per block of 2 convs), got {widths}")
-        if in_channels < 1 or num_classes < 1 or hidden < 1:
-            raise ValueError(
-                f"in_channels, num_classes and hidden must be positive, got {in_channels}, {num_classes}, {hidden}"
-            )
+        widths = _check_widths(widths, 4, "one per block of 2 convs")
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("hidden", hidden)):
+            check_int_setting(name, value, 1)
         dropout = _check_dropout(dropout)
         self.in_channels, self.num_classes, self.widths, self.hidden = in_channels, num_classes, widths, hidden
         blocks, previous = [], in_channels
@@ -179,9 +185,7 @@ class SmallCNN(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        widths = tuple(int(w) for w in widths)
-        if len(widths) != 3 or min(widths) < 1:
-            raise ValueError(f"widths must be 3 positive channel counts (one per conv layer), got {widths}")
+        widths = _check_widths(widths, 3, "one per conv layer")
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("hidden", hidden),
                             ("pooled_size", pooled_size)):
             check_int_setting(name, value, 1)

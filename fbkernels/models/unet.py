@@ -1,10 +1,14 @@
 """A plain U-Net and the two Feedback U-Net models of experiment A (docs/design.md section 1.1).
 
-- ``UNet(in_channels, out_channels, width, depth)``: encoder of ``depth`` 2x max-pool stages
+- ``UNet(in_channels, out_channels, *, width=16, depth=3)``: encoder of ``depth`` 2x max-pool stages
   (widths ``width * 2**i``), decoder with bilinear upsampling and skip concatenation, each level two
   3x3 conv + GroupNorm + ReLU blocks, a 1x1 conv to ``out_channels``. GroupNorm keeps no running
   statistics, so recomputing a forward (checkpointed BPTT) is exact and has no side effects. Any
-  input size works (the decoder upsamples to each skip's size).
+  input size works (the decoder upsamples to each skip's size), with one limit in training: GroupNorm needs
+  more than one value per group, so a level whose map is 1 x 1 needs at least 2 channels per group (the
+  groups: the largest divisor of the level's channel count up to 8). Every level with more than 8 channels meets
+  it; a level with 8 or fewer (a width of 8 or less) fails on a 1 x 1 map with PyTorch's "Expected more than 1
+  value per channel when training".
 - ``FeedbackUNet``: ``FeedbackLoop`` around a U-Net from [x, v] (in_channels + k) to the d = l + k
   state channels, with a 1x1 conv head G from the l segmentation channels to the class logits.
   ``normalization="bn-relu-ln"`` is the authors' code's form (docs/experiments.md section A): the U-Net's
@@ -54,10 +58,9 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, *, width: int = 16, depth: int = 3):
         super().__init__()
-        if in_channels < 1 or out_channels < 1 or width < 1 or depth < 0:
-            raise ValueError(
-                f"need in_channels, out_channels, width >= 1 and depth >= 0, got {in_channels}, {out_channels}, {width}, {depth}"
-            )
+        for name, value, minimum in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
+                                     ("width", width, 1), ("depth", depth, 0)):
+            check_int_setting(name, value, minimum)
         widths = [width * 2**i for i in range(depth + 1)]
         self.inc = ConvBlock(in_channels, widths[0])
         self.down = nn.ModuleList(ConvBlock(widths[i], widths[i + 1]) for i in range(depth))
@@ -107,6 +110,8 @@ class FeedbackUNet(FeedbackLoop):
         update_factor: str = "none",
         decay_init: str = "orthogonal",
     ):
+        # The U-Net's own checks would name its arguments (in_channels + num_classes, ...), not the user's.
+        check_int_setting("in_channels", in_channels, 1)
         state_channels = check_int_setting("seg_channels", seg_channels, 1) + check_int_setting("num_classes", num_classes, 1)
         check_softmax_setting(softmax, num_classes)  # before building a U-Net that could not be used
         self_normalization = check_choice("normalization", normalization, NORMALIZATIONS)
