@@ -433,7 +433,8 @@ def parse_args(argv=None):
                       help="the quick sweep (default on CPU: under 3 minutes on 2 cores)")
     size.add_argument("--full", dest="quick", action="store_false", help="the full sweep (default on GPU)")
     size.add_argument("--smoke", action="store_true",
-                      help="tiny shapes and few repeats: checks that the script runs; figures meaningless")
+                      help="three shapes (two tiny ones and the 8x18x128x128 headline, which the verdict needs) "
+                           "and few repeats: checks that the script runs; figures meaningless")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--providers", default=None,
                         help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all available; "
