@@ -118,6 +118,51 @@ struct RowsAhead {
   }
 };
 
+// Rows of memory that the next block reads first, fetched one cache line at a time, row after row, spread over the
+// backward's grad_decay outer product: on two cores a thread's multiply-adds and its memory phases do not overlap
+// by themselves (docs/cpu-kernels.md, "Where the time goes"), and these loads then run under the multiply-adds.
+// Ordinary prefetches: the lines must survive until the next block, after the outer product. Paired runs
+// (bench/cpu_kernel_ab.sh, 2 threads, inputs out of cache, same bits, 2026-12-01): 0.946-0.967 of the time at
+// 8x18x256x256 and 0.939-0.964 at 8x18x128x128 (four runs each), 0.990 on one thread. Fetching the next block's f
+// as well was slower (1.006-1.028): with the block's buffers it no longer fits the L2 cache; so were blocks of 512
+// positions (1.09), and blocks of 1024 gained no more (0.94-1.06).
+template <typename T>
+class RowsInTurn {
+ public:
+  // `count` rows of `length` elements, `stride` apart; up to kMaxGroups such groups, fetched in the order added.
+  void add(const T* first, int64_t count, int64_t stride, int64_t length) {
+    if (first != nullptr && count > 0 && length > 0 && groups_ < kMaxGroups) {
+      group_[groups_++] = {first, count, stride, length};
+      lines_ += count * ((length + kLine - 1) / kLine);
+    }
+  }
+  int64_t lines() const { return lines_; }
+  void fetch_next_line() {
+    if (current_ >= groups_) return;
+    const Group& g = group_[current_];
+    __builtin_prefetch(g.first + row_ * g.stride + at_, /*read*/ 0, /*keep in all levels*/ 3);
+    at_ += kLine;
+    if (at_ >= g.length) {
+      at_ = 0;
+      if (++row_ == g.count) {
+        row_ = 0;
+        ++current_;
+      }
+    }
+  }
+
+ private:
+  static constexpr int kMaxGroups = 3;
+  static constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  struct Group {
+    const T* first;
+    int64_t count, stride, length;
+  };
+  Group group_[kMaxGroups] = {};
+  int groups_ = 0, current_ = 0;
+  int64_t lines_ = 0, row_ = 0, at_ = 0;
+};
+
 // out[i * stride + n] = sum_r matrix[i * d + r] * rows[r * stride + n] for i < out_rows, r < d and n < padded:
 // the channel mix of a cached block. out_rows is a multiple of kMixRows and matrix has that many rows (zero past
 // d); padded is a multiple of the tile width. For each tile of positions, kMixRows output rows at a time, and one
@@ -154,16 +199,23 @@ inline void mix_block(T* __restrict out, const T* __restrict matrix, const T* __
 
 // dM[i * rows + j] += sum_n g[i * stride + n] * f[j * stride + n] for i, j < rows and n < padded (rows a multiple
 // of kRowPad, padded of the tile width; g and f are zero past their real rows and positions). Each (i, j) sums
-// lane-wise vector by vector, then over its lanes by sum_lanes.
+// lane-wise vector by vector, then over its lanes by sum_lanes. Meanwhile the lines of `ahead`, evenly spread.
 template <typename T>
 inline void accumulate_outer(T* __restrict dM, const T* __restrict g, const T* __restrict f, int64_t rows,
-                             int64_t stride, int64_t padded) {
+                             int64_t stride, int64_t padded, RowsInTurn<T>& ahead) {
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
+  const int64_t steps = (rows / kOuterRows) * (rows / kOuterCols) * (padded / L);
+  const int64_t steps_per_line = ahead.lines() > 0 ? std::max<int64_t>(1, steps / ahead.lines()) : steps + 1;
+  int64_t until_fetch = steps_per_line;
   for (int64_t i0 = 0; i0 < rows; i0 += kOuterRows) {
     for (int64_t j0 = 0; j0 < rows; j0 += kOuterCols) {
       V acc[kOuterRows][kOuterCols] = {};
       for (int64_t n = 0; n < padded; n += L) {
+        if (--until_fetch == 0) {
+          until_fetch = steps_per_line;
+          ahead.fetch_next_line();
+        }
         V g_vec[kOuterRows];
 #pragma GCC unroll 4
         for (int64_t a = 0; a < kOuterRows; ++a) g_vec[a] = load_vector<T>(g + (i0 + a) * stride + n);
@@ -380,9 +432,23 @@ int64_t feedback_step_backward(const FeedbackStepParams& p) {
         detail::mix_block(mix_buf, MT.data(), g_buf, d, rows, stride, padded, f_rows);
         for (int64_t j = 0; j < d; ++j) write_row(grad_f + offset + j * N, mix_buf + j * stride, len, stream);
       }
-      if (dM != nullptr) {  // dM += g f^T (zero padding in both)
+      if (dM != nullptr) {  // dM += g f^T (zero padding in both), fetching the next block's first reads
         for (int64_t c = 0; c < d; ++c) detail::load_padded(f_buf + c * stride, f + offset + c * N, len, padded);
-        detail::accumulate_outer(dM, g_buf, f_buf, rows, stride, padded);
+        detail::RowsInTurn<T> next_rows;
+        const int64_t next = b * N + n0 + len;
+        // The next block of this chunk (the next chunk may go to another thread), when the pass is too large for
+        // the caches (the streaming stores' test): with the inputs in cache the prefetches only cost instructions
+        // (1.01-1.02 of the time at 8x18x64x64 and 1x18x64x64 in cache).
+        if (stream && next < range.end) {
+          const int64_t next_b = next / N, next_n0 = next % N;
+          const int64_t next_len = std::min({block, N - next_n0, range.end - next});
+          next_rows.add(grad_h_next == nullptr ? nullptr : grad_h_next + next_b * d * N + next_n0, d, N, next_len);
+          if (grad_v != nullptr) {
+            next_rows.add(v + next_b * k * N + next_n0, k, N, next_len);
+            next_rows.add(grad_v + next_b * k * N + next_n0, k, N, next_len);
+          }
+        }
+        detail::accumulate_outer(dM, g_buf, f_buf, rows, stride, padded, next_rows);
       }
     });
     finish_streaming(stream);
