@@ -300,12 +300,12 @@ def train_all(specs, preset: Preset, args) -> None:
 
     from tqdm.auto import tqdm
 
-    worker_args = argparse.Namespace(**{**vars(args), "progress": False})
+    worker_args = argparse.Namespace(**{**vars(args), "no_progress": True})
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP or torch thread state
     with ProcessPoolExecutor(min(args.jobs, len(missing)), mp_context=context) as pool:
         futures = [pool.submit(_train_in_worker, spec, preset, worker_args) for spec in missing]
         for future in tqdm(as_completed(futures), total=len(futures), desc=f"training runs, {args.jobs} jobs",
-                           disable=not args.progress):
+                           disable=args.no_progress):
             future.result()
 
 
@@ -324,7 +324,7 @@ def train_and_evaluate(spec: RunSpec, preset: Preset, args, model, key: str, kee
     started = time.perf_counter()
     history = train.fit(
         model, train_set, loss_fn=feedback_loss, epochs=preset.epochs, batch_size=preset.batch_size,
-        lr=preset.lr, device=args.device, seed=spec.seed, checkpoint=ckpt_path, progress=args.progress,
+        lr=preset.lr, device=args.device, seed=spec.seed, checkpoint=ckpt_path, progress=not args.no_progress,
         desc=spec.label(), leave=False,
     )
     trained = time.perf_counter()
@@ -1043,8 +1043,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Preset]:
                              "else torch's default)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a preset field, e.g. --set epochs=2 --set sigmas=0,5")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bars (shown by default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")

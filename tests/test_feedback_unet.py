@@ -642,6 +642,15 @@ TINY = ["--set", "image_size=16", "--set", "width=2", "--set", "depth=1", "--set
 
 
 @pytest.mark.experiments
+def test_feedback_unet_experiment_writes_under_runs_by_default(tmp_path, monkeypatch):
+    # The committed results in python/results/ are written only when --out names them.
+    script = _experiment_script()
+    monkeypatch.chdir(tmp_path)
+    script.main(["stability", *TINY])
+    assert (tmp_path / "runs" / "feedback_unet" / "quick" / "stability.json").is_file()
+
+
+@pytest.mark.experiments
 def test_feedback_unet_experiments_end_to_end_with_tiny_overrides(tmp_path, capsys):
     import json
 

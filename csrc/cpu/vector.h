@@ -52,8 +52,6 @@ inline void store_vector(T* p, const vec_t<T>& v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-// load_vector / store_vector where V is vec_t<T>, a plain element access where V is T: one function body serves the
-// vector loop and its scalar tail.
 // Makes the compiler keep `value` in a register. GCC otherwise folds a loaded vector into the memory operand of
 // every multiply-add that uses it, loading it once per use: the grad_decay outer product then issued 14 loads per 12
 // multiply-adds instead of 8 and was load-bound.
@@ -66,6 +64,8 @@ inline void keep_in_register(V& value) {
 #endif
 }
 
+// load_vector / store_vector where V is vec_t<T>, a plain element access where V is T: one function body serves the
+// vector loop and its scalar tail.
 template <typename T, typename V>
 inline V load_as(const T* p) {
   if constexpr (std::is_same_v<V, T>) {
