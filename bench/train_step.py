@@ -655,15 +655,27 @@ def write_outputs(args, payload: dict) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.fresh_compile_cache:
-        import os
-        import tempfile
-
-        # Read by inductor when it first compiles, so setting it before any compilation is enough.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fbkernels_train_step_inductor_")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    write_outputs(args, run(args))
+    if not args.fresh_compile_cache:
+        write_outputs(args, run(args))
+        return 0
+    import os
+    import tempfile
+
+    # Read by inductor when it first compiles, so setting it before any compilation is enough. The directory
+    # (hundreds of MB of generated code) goes when the run ends, and the caller's setting comes back.
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="fbkernels_train_step_inductor_") as cache_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+        try:
+            payload = run(args)
+        finally:
+            if previous is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+    write_outputs(args, payload)
     return 0
 
 

@@ -6,8 +6,10 @@ loss's on a tiny model: the comparison the benchmark relies on before it times a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,30 @@ def test_cbl_reference_schedule_gradients_equal_the_summed_loss(bench):
              for path in ("reference", "eager", "default")}
     for path in ("reference", "default"):
         bench.assert_equal_gradients(grads["eager"], grads[path], 1e-5, path)
+
+
+@pytest.mark.parametrize("callers_setting", [None, "/caller/inductor-cache"])
+def test_fresh_compile_cache_is_removed_and_the_callers_setting_restored(bench, tmp_path, monkeypatch,
+                                                                         callers_setting):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    if callers_setting is None:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", callers_setting)
+    seen = {}
+
+    def run(args):
+        seen["cache"] = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        assert seen["cache"].is_dir() and seen["cache"].parent == tmp_path
+        (seen["cache"] / "generated.py").write_text("# code inductor would write\n")
+        return {"results": []}
+
+    monkeypatch.setattr(bench, "run", run)
+    monkeypatch.setattr(bench, "write_outputs", lambda args, payload: seen.setdefault("payload", payload))
+    assert bench.main(["--smoke", "--fresh-compile-cache", "--out", str(tmp_path / "out")]) == 0
+    assert seen["payload"] == {"results": []}
+    assert not seen["cache"].exists()
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == callers_setting
 
 
 @pytest.mark.bench
