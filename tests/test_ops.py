@@ -352,6 +352,73 @@ def test_fused_backends_name_eager_for_double_backward(backend, device):
         grad_h.sum().backward()
 
 
+def test_eager_backend_supports_forward_mode_derivatives():
+    """torch.func.jvp and forward-over-reverse Hessian-vector products: a custom op would give no tangent (jvp read it
+    as zeros), so the eager backend runs its reference as plain torch ops there."""
+    h, f, decay = (t.detach() for t in _feedback_inputs(2, 4, (3,), F64))
+    tangents = tuple(torch.randn_like(t) for t in (h, f, decay))
+    step = lambda *x: fbkernels.feedback_step(*x, 2, backend="eager")  # noqa: E731
+    _, jvp_out = torch.func.jvp(step, (h, f, decay), tangents)
+    _, vjp_fn = torch.func.vjp(step, h, f, decay)
+    for i, out_tangent in enumerate(jvp_out):
+        # <J t, e_j> by jvp equals <t, J^T e_j> by reverse mode, for a few output directions e_j.
+        for j in range(3):
+            cotangent = [torch.zeros_like(o) for o in jvp_out]
+            cotangent[i].view(-1)[j * 5] = 1.0
+            expected = sum((g * t).sum() for g, t in zip(vjp_fn(tuple(cotangent)), tangents))
+            torch.testing.assert_close(out_tangent.reshape(-1)[j * 5], expected)
+    with torch.autograd.forward_ad.dual_level():
+        h_next, v = fbkernels.feedback_step(h, torch.autograd.forward_ad.make_dual(f, tangents[1]), decay, 2,
+                                            backend="eager")
+        assert torch.autograd.forward_ad.unpack_dual(h_next).tangent.abs().sum() > 0
+    # Forward over reverse equals reverse over reverse.
+    loss = lambda d: sum(o.square().sum() for o in step(h, f, d))  # noqa: E731
+    _, hvp = torch.func.jvp(torch.func.grad(loss), (decay,), (tangents[2],))
+    decay_r = decay.clone().requires_grad_()
+    grad, = torch.autograd.grad(loss(decay_r), decay_r, create_graph=True)
+    torch.testing.assert_close(hvp, torch.autograd.grad((grad * tangents[2]).sum(), decay_r)[0])
+    gate_h, gate_logits = (t.detach() for t in _gate_inputs(2, 3, (4,), F64))
+    gate_tangents = (torch.randn_like(gate_h), torch.randn_like(gate_logits))
+    gate = lambda h, a: fbkernels.context_gate(h, a, 0.3, backend="eager")  # noqa: E731
+    _, out_tangent = torch.func.jvp(gate, (gate_h, gate_logits), gate_tangents)
+    _, expected = torch.func.jvp(lambda h, a: _reference.context_gate_forward(h, a, 0.3), (gate_h, gate_logits),
+                                 gate_tangents)
+    torch.testing.assert_close(out_tangent, expected)
+    assert out_tangent.abs().sum() > 0
+
+
+def test_eager_backend_runs_under_torch_func_grad_and_vmap():
+    """torch.func.grad cannot run a custom op's autograd: under a torch.func transform the eager backend runs its
+    reference as plain torch ops, so per-sample gradients (vmap of grad) work."""
+    h, f, decay = (t.detach() for t in _feedback_inputs(3, 4, (5,), F64))
+
+    def loss(decay, h, f):  # of one sample h, f: [4, 5]
+        return sum(o.square().sum() for o in fbkernels.feedback_step(h[None], f[None], decay, 2, backend="eager"))
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(decay, h, f)
+    for i in range(3):
+        decay_r = decay.clone().requires_grad_()
+        torch.testing.assert_close(per_sample[i], torch.autograd.grad(loss(decay_r, h[i], f[i]), decay_r)[0])
+    gate_h, gate_logits = (t.detach() for t in _gate_inputs(2, 3, (4,), F64))
+    grad = torch.func.grad(lambda a: fbkernels.context_gate(gate_h, a, 0.3, backend="eager").square().sum())(gate_logits)
+    gate_logits.requires_grad_()
+    expected, = torch.autograd.grad(fbkernels.context_gate(gate_h, gate_logits, 0.3, backend="eager").square().sum(),
+                                    gate_logits)
+    torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("backend,device", FUSED_BACKEND_DEVICES)
+def test_fused_backends_name_eager_for_forward_mode_derivatives(backend, device):
+    h, f, decay = (t.detach() for t in _feedback_inputs(2, 4, (3,), F64, device))
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' has no forward-mode derivative.*backend='eager'"):
+        torch.func.jvp(lambda f: fbkernels.feedback_step(h, f, decay, 2, backend=backend), (f,), (torch.ones_like(f),))
+    gate_h, gate_logits = (t.detach() for t in _gate_inputs(2, 3, (4,), F64, device))
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' has no forward-mode derivative.*backend='eager'"):
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(gate_h, torch.ones_like(gate_h))
+            fbkernels.context_gate(dual, gate_logits, 0.3, backend=backend)
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_opcheck(backend, device):
     h, f, decay = _feedback_inputs(2, 6, (3, 4), F64, device)

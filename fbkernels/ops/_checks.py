@@ -1,6 +1,7 @@
 """What the op modules share: input checks for the public functions, the flat [B, d, N] view, the dtype the
 reference computes in, the empty stand-in for a gradient autograd did not ask for, the autocast rule that
-casts an op's other tensors to its state's dtype, and the test for a plain eager call that may skip the custom op."""
+casts an op's other tensors to its state's dtype, the test for a plain eager call that may skip the custom op, and the
+route around the custom op under forward-mode AD (no tangents) and torch.func transforms (no grad or vjp)."""
 from __future__ import annotations
 
 import numbers
@@ -8,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .._params import spatial_numel
 
@@ -70,6 +72,38 @@ def unaliased(x: Tensor, *inputs: Tensor | None) -> Tensor:
                          for t in inputs):
         return x.clone()
     return x
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD may ask an op call for tangents: inside ``torch.autograd.forward_ad.dual_level()``, which
+    ``torch.func.jvp`` (and jacfwd, hessian) enter too. A custom op has no forward-mode formula, and PyTorch gives its
+    outputs no tangent without an error (torch.func.jvp reads it as zeros)."""
+    return forward_ad._current_level >= 0
+
+
+def runs_as_torch_ops(backend: str) -> bool:
+    """Whether an op call runs its eager reference as plain torch ops (``run_as_torch_ops``) instead of its custom op:
+    under forward-mode AD, where the custom op would give no tangent, and on backend "eager" under a functorch transform
+    too (torch.func.grad and vjp cannot run a custom op's autograd; vmap then batches the torch ops themselves)."""
+    if forward_ad_active():
+        return True
+    # is_compiling() first, as in fast_path: Dynamo reads it as the constant True and traces no torch._C query after it.
+    return backend == "eager" and not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def run_as_torch_ops(op: str, backend: str, device: torch.device, reference: Callable, *args):
+    """``reference(*args)`` as plain torch ops, whose derivatives of every mode PyTorch knows, with autocast off (the
+    reference casts to the state's dtype itself, as the op's autocast rule does); for a fused backend, whose kernels
+    have no forward-mode derivative, an error naming backend='eager'."""
+    if backend != "eager":
+        raise RuntimeError(
+            f"fbkernels.{op}: backend {backend!r} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, "
+            "torch.autograd.forward_ad); use backend='eager', whose reference is made of differentiable torch ops"
+        )
+    if autocast_enabled(device):
+        with torch.autocast(device.type, enabled=False):
+            return reference(*args)
+    return reference(*args)
 
 
 # nn.Parameter is the one subclass that behaves as a plain tensor (its __torch_function__ is disabled).

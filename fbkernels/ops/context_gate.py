@@ -30,6 +30,8 @@ from ._checks import (
     compute_dtype,
     fast_path,
     register_autocast_to_state_dtype,
+    run_as_torch_ops,
+    runs_as_torch_ops,
     unaliased,
     unrequested,
 )
@@ -205,6 +207,8 @@ def context_gate(h: Tensor, gate_logits: Tensor, alpha: float, *, backend: str |
     _check_inputs(h, gate_logits, alpha)
     name = resolve_backend(backend, h.device, h.dtype)
     alpha = float(alpha)
+    if runs_as_torch_ops(name):  # forward-mode AD, or a torch.func transform of eager
+        return run_as_torch_ops("context_gate", name, h.device, context_gate_forward, h, gate_logits, alpha)
     if fast_path(name, h, gate_logits):
         if torch.is_grad_enabled() and (h.requires_grad or gate_logits.requires_grad):
             return _ContextGateFunction.apply(h, gate_logits, alpha, name)

@@ -33,6 +33,8 @@ from ._checks import (
     fast_path,
     flat,
     register_autocast_to_state_dtype,
+    run_as_torch_ops,
+    runs_as_torch_ops,
     unaliased,
     unrequested,
 )
@@ -223,6 +225,8 @@ def feedback_step(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int, *, bac
     _check_inputs(h, f, decay, num_feedback)
     name = resolve_backend(backend, h.device, h.dtype)
     num_feedback = int(num_feedback)
+    if runs_as_torch_ops(name):  # forward-mode AD, or a torch.func transform of eager
+        return run_as_torch_ops("feedback_step", name, h.device, feedback_step_forward, h, f, decay, num_feedback)
     if fast_path(name, h, f, decay):
         if torch.is_grad_enabled() and (h.requires_grad or f.requires_grad or decay.requires_grad):
             return _FeedbackStepFunction.apply(h, f, decay, num_feedback, name)
