@@ -245,6 +245,18 @@ def test_constructor_sizes_are_checked_under_the_users_names():
         FeedforwardUNet(3, 2, width=0)
 
 
+def test_feedforward_decay_settings_are_checked_at_construction():
+    # Unchecked, a negative decay_step failed only in the first forward, named as decay_matrix's "t".
+    with pytest.raises(ValueError, match="decay_step must be >= 0, got -1"):
+        FeedforwardUNet(3, 2, width=4, depth=1, decay=True, decay_step=-1)
+    with pytest.raises(TypeError, match="decay_step must be an int >= 0, got str '5'"):
+        FeedforwardUNet(3, 2, width=4, depth=1, decay=True, decay_step="5")
+    # tau as FeedbackUNet checks it, with or without decay.
+    with pytest.raises(ValueError, match="tau must be a positive finite number, got -1"):
+        FeedforwardUNet(3, 2, width=4, depth=1, tau=-1)
+    assert FeedforwardUNet(3, 2, width=4, depth=1, decay=True, decay_step=0)(torch.rand(1, 3, 8, 8)).shape == (1, 2, 8, 8)
+
+
 def test_settings_are_validated_where_they_enter():
     model = tiny()
     x = torch.rand(1, 3, 8, 8)
@@ -450,6 +462,25 @@ def test_checkpoint_mode_with_batchnorm_matches_full_mode_and_updates_statistics
         assert torch.equal(getattr(ckpt.network.norm, name), value), name
 
 
+def test_checkpoint_mode_with_batchnorm_backpropagates_a_retained_graph_twice():
+    # Each backward recomputes the checkpointed steps inside the one context checkpoint's context_fn gave at the
+    # forward: it must be enterable again (a second loss.backward() used to fail with an AttributeError).
+    torch.manual_seed(0)
+    full = FeedbackLoop(_BatchNormNet(), torch.nn.Conv2d(3, 2, 1), num_classes=2, seg_channels=3).double()
+    ckpt = FeedbackLoop(_BatchNormNet(), torch.nn.Conv2d(3, 2, 1), num_classes=2, seg_channels=3, bptt="checkpoint")
+    ckpt.double().load_state_dict(full.state_dict())
+    x = torch.rand(3, 2, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 2, (3, 8, 8))
+    for model in (full, ckpt):
+        loss = step_loss(model(x, steps=3), y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    for (name, p_full), p_ckpt in zip(full.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p_ckpt.grad, p_full.grad, rtol=1e-9, atol=1e-12, msg=name)
+    for name, value in full.network.norm.named_buffers():
+        assert torch.equal(getattr(ckpt.network.norm, name), value), name
+
+
 def test_checkpoint_mode_keeps_only_the_recursion_per_step():
     """Per extra step only h(t) (d channels), v(t), the logits and the loss's log-softmax (k channels each) stay."""
     pytest.importorskip("torch.distributed._tools.mem_tracker")
@@ -462,6 +493,22 @@ def test_checkpoint_mode_keeps_only_the_recursion_per_step():
     recursion = (6 + 3 * 2) * 16 * 16 * 4  # (d + 3k) float32 channels of 16x16 positions
     print(f"checkpoint: {per_step:.0f} bytes per step, recursion {recursion} bytes")
     assert per_step <= 1.1 * recursion
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_a_model_built_on_the_meta_device_loads_and_computes_alike(decay):
+    # to_empty() leaves every tensor uninitialised and load_state_dict fills the persistent ones only: the identity
+    # mix of a model without decay (a non-persistent buffer) must not come from the buffer's values.
+    reference = tiny(decay=decay).eval()
+    with torch.device("meta"):
+        model = tiny(decay=decay)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for buffer in model.buffers():
+            buffer.fill_(float("nan") if buffer.is_floating_point() else 0)
+    model.load_state_dict(reference.state_dict())
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(model.eval()(x), reference(x), rtol=0, atol=0)
 
 
 def test_decay_matrices_equal_the_per_step_decay():

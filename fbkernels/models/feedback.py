@@ -35,7 +35,7 @@ update and M is computed with autocast off, so the accumulation over T steps doe
 backward (torch.utils.checkpoint, non-reentrant): per step only the state h(t), the feedback v(t) and
 the logits stay alive, so memory no longer grows with the network's depth times T, and the gradients
 are the same. Normalisation layers with running statistics (BatchNorm) in the network or head update
-them once per real forward: the recomputation restores them (see ``_running_statistics_kept``).
+them once per real forward: the recomputation restores them (see ``_RunningStatisticsKept``).
 """
 from __future__ import annotations
 
@@ -182,22 +182,32 @@ def running_statistics_modules(*modules: nn.Module) -> list[_NormBase]:
     return [m for module in modules for m in module.modules() if has_running_statistics(m)]
 
 
-@contextlib.contextmanager
-def _running_statistics_kept(norms: list[_NormBase]):
-    """Run a block of code, then put the norms' running statistics back as they were before it.
+class _RunningStatisticsKept:
+    """Context manager: run a block of code, then put the norms' running statistics back as they were before it.
 
     A checkpointed forward is rerun during backward with the modules in the same (training) mode, so
     each BatchNorm would fold the same batch into its running statistics a second time. In training
     mode the recomputed output does not depend on the running statistics (it uses the batch's), so
     restoring them afterwards changes nothing but the double update.
+
+    Reusable: checkpoint's context_fn runs once per forward, and the one recomputation context it returns is
+    entered at every backward through that forward (a graph kept with retain_graph=True is recomputed each time),
+    which a generator-based context manager refuses the second time.
     """
-    saved = [(m, m.running_mean.clone(), m.running_var.clone(),
-              None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
-    try:
-        yield
-    finally:
+
+    def __init__(self, norms: list[_NormBase]):
+        self.norms = norms
+        self._saved = []  # a stack: one snapshot per entry not yet exited
+
+    def __enter__(self):
+        self._saved.append([(m, m.running_mean.clone(), m.running_var.clone(),
+                             None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+                            for m in self.norms])
+        return self
+
+    def __exit__(self, *exc_info) -> None:
         with torch.no_grad():
-            for m, mean, var, count in saved:
+            for m, mean, var, count in self._saved.pop():
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 if count is not None:
@@ -397,7 +407,10 @@ class FeedbackLoop(nn.Module):
         if self.decay is not None:
             mixes = self.decay.matrices(steps)
         else:
-            mixes = self.identity.expand(steps, -1, -1)
+            # The buffer gives the dtype and device, not the values: a model built on the meta device and materialised
+            # by to_empty() holds garbage there, which load_state_dict does not replace (the buffer is not persistent).
+            identity = torch.eye(self.state_channels, dtype=self.identity.dtype, device=self.identity.device)
+            mixes = identity.expand(steps, -1, -1)
         if self.update_factor == "fractional":
             factors = torch.tensor(fractional_update_factors(steps), dtype=mixes.dtype, device=mixes.device)
             mixes = mixes * factors[:, None, None]
@@ -407,7 +420,7 @@ class FeedbackLoop(nn.Module):
         """``_step`` under torch.utils.checkpoint; the recomputation keeps the norms' running statistics."""
         if not norms:  # the plain call is the form torch.compile traces (it rejects a context_fn)
             return checkpoint(self._step, x, v, h, mix, use_reentrant=False)
-        context_fn = lambda: (contextlib.nullcontext(), _running_statistics_kept(norms))  # noqa: E731
+        context_fn = lambda: (contextlib.nullcontext(), _RunningStatisticsKept(norms))  # noqa: E731
         return checkpoint(self._step, x, v, h, mix, use_reentrant=False, context_fn=context_fn)
 
     def forward(self, x: Tensor, steps: int | None = None, *, tol: float | None = None, return_states: bool = False):

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 import fbkernels
 
 from .feedback import (DecayMatrix, FeedbackLoop, SpatialLayerNorm, backend_setting, check_choice, check_input,
-                       check_int_setting, check_softmax_setting)
+                       check_int_setting, check_positive_setting, check_softmax_setting)
 
 __all__ = ["UNet", "FeedbackUNet", "FeedforwardUNet", "NORMALIZATIONS"]
 
@@ -165,7 +165,10 @@ class FeedforwardUNet(nn.Module):
         self.num_classes = check_int_setting("num_classes", num_classes, 1)
         self.seg_channels = check_int_setting("seg_channels", seg_channels, 1)
         self.state_channels = seg_channels + num_classes
-        self.decay_step, self.backend = decay_step, backend
+        # Checked here, also without decay as FeedbackUNet does: unchecked, a bad decay_step surfaced only in the
+        # first forward, as decay_matrix's error about its argument "t".
+        check_positive_setting("tau", tau)
+        self.decay_step, self.backend = check_int_setting("decay_step", decay_step, 0), backend
         self.network = UNet(in_channels, self.state_channels, width=width, depth=depth)
         self.head = nn.Conv2d(seg_channels, num_classes, 1)
         self.decay = DecayMatrix(self.state_channels, tau=tau, learn_rates=learn_rates) if decay else None
