@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -669,6 +670,30 @@ def test_more_steps_later_start_from_the_last_passes_statistics():
     loaded.load_state_dict(model.state_dict())
 
 
+def test_a_model_evaluated_with_more_steps_loads_into_one_built_with_its_steps():
+    # Raising steps for an evaluation adds statistics for the new passes, which stay in the state_dict after steps
+    # goes back: a model built again with the training steps must load it (and then run the extra passes alike).
+    torch.manual_seed(0)
+    model = _cbl(steps=1)
+    model(torch.randn(4, 3, 16, 16))
+    model.steps = 3
+    model(torch.randn(4, 3, 16, 16))
+    model.steps = 1
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    expected = model(x)
+    loaded = _cbl(steps=1)
+    loaded.load_state_dict(model.state_dict())
+    loaded.eval()
+    assert loaded.steps == 1 and len(loaded.refinement_statistics) == 3
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    model.steps = loaded.steps = 3
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    nested = nn.Sequential(_cbl(steps=1))
+    nested.load_state_dict(nn.Sequential(model).state_dict())
+    assert len(nested[0].refinement_statistics) == 3
+
+
 # ---------------------------------------------------------------- settings and errors where they enter
 
 
@@ -687,6 +712,14 @@ def test_settings_are_validated_where_they_enter():
     with pytest.raises(ValueError, match="alpha must be in"):
         model.alpha = -0.5
     assert (model.steps, model.backend, model.mode, model.alpha) == (2, None, "repropagate", 0.0)
+    # Any real number, as the op takes it: a NumPy float32 (not a Python float) too; a bool or a tensor is refused.
+    model.alpha = np.float32(0.25)
+    assert model.alpha == 0.25 and type(model.alpha) is float
+    assert _cbl(alpha=np.float32(0.5), learn_alpha=True).alpha == 0.5
+    with pytest.raises(TypeError, match="alpha must be a float in"):
+        model.alpha = True
+    with pytest.raises(TypeError, match="alpha must be a float in"):
+        model.alpha = torch.tensor(0.5)
 
 
 def test_input_block_and_head_errors_name_what_broke():

@@ -54,6 +54,7 @@ in eval; pass 0 keeps the layer's own buffers, so the backbone's state_dict is a
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -353,7 +354,7 @@ class ContextualLoops(nn.Module):
             (part, path) for part in self._rerun_parts for path, m in self.get_submodule(part).named_modules()
             if has_running_statistics(m)
         ]
-        self.refinement_statistics = nn.ModuleList()  # [pass t - 1][layer j], grown by the steps setter
+        self.refinement_statistics = nn.ModuleList()  # [pass t - 1][layer j], grown by steps and load_state_dict
         self.steps = steps
 
     # ------------------------------------------------------------ settings, checked when set
@@ -365,13 +366,32 @@ class ContextualLoops(nn.Module):
     @steps.setter
     def steps(self, value: int) -> None:
         self._steps = check_int_setting("steps", value, 0)
+        self._grow_refinement_statistics(self._steps)
+
+    def _grow_refinement_statistics(self, passes: int) -> None:
+        """Running statistics for refinement passes 1..passes (never fewer than there are: lowering ``steps`` keeps
+        the statistics of the passes it leaves out)."""
         # A pass beyond those trained so far starts from the statistics of the last one (the closest maps).
-        while len(self.refinement_statistics) < self._steps:
+        while len(self.refinement_statistics) < passes:
             previous = self.refinement_statistics[-1] if len(self.refinement_statistics) else None
             self.refinement_statistics.append(nn.ModuleList(
                 _NormStatistics(previous[j] if previous is not None else self.get_submodule(part).get_submodule(path))
                 for j, (part, path) in enumerate(self._pass_norm_paths)
             ))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A model whose steps were raised once (say to evaluate with more passes) keeps statistics for those passes,
+        # so its state_dict holds more of them than a model built with the original steps. Grow to the passes the
+        # state_dict holds before the children load, so they load instead of failing as unexpected keys. This runs
+        # before the recursion into refinement_statistics, which therefore sees the new passes.
+        head = f"{prefix}refinement_statistics."
+        indices = (key[len(head):].split(".", 1)[0] for key in state_dict if key.startswith(head))
+        passes = [int(index) for index in indices if index.isdigit()]
+        if passes:
+            self._grow_refinement_statistics(max(passes) + 1)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def alpha(self) -> float:
@@ -382,7 +402,8 @@ class ContextualLoops(nn.Module):
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # Any real number, as fbkernels.context_gate takes it (a NumPy float32 is not a Python float).
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"alpha must be a float in [0, 1], got {type(value).__name__}")
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {value}")
