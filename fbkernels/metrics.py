@@ -130,8 +130,9 @@ def t_quantile_975(df: int) -> float:
 def mean_ci95(values) -> dict:
     """{"mean", "std", "n", "ci95": [low, high]} of a list of floats; the 95% interval of the mean from Student's t
     (NaN bounds for fewer than 2 values)."""
+    values = [float(v) for v in values]  # once: a generator read by mean_std would be empty when counted
     mean, std = mean_std(values)
-    n = len(list(values))
+    n = len(values)
     if n < 2:
         return {"mean": mean, "std": std, "n": n, "ci95": [math.nan, math.nan]}
     half = t_quantile_975(n - 1) * std / math.sqrt(n)

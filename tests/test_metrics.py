@@ -23,6 +23,13 @@ def test_paired_difference_matches_scipy():
     assert out["ci95"] == pytest.approx([low, high], rel=1e-3)
 
 
+def test_mean_ci95_of_any_iterable():
+    # A generator is read once: it used to give the mean of the values with n = 0 and no interval.
+    values = [0.61, 0.72, 0.55, 0.80, 0.47]
+    assert metrics.mean_ci95(v for v in values) == metrics.mean_ci95(values)
+    assert metrics.mean_ci95(iter(values))["n"] == 5
+
+
 def test_paired_difference_edge_cases():
     assert math.isnan(metrics.paired_difference([1.0], [0.0])["ci95"][0])
     assert metrics.paired_difference([1.0, 2.0], [0.0, 1.0])["p"] == 0.0  # identical differences
