@@ -17,6 +17,8 @@ DDP ranks, DataLoader workers and resumed runs.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import random
 import time
@@ -154,7 +156,13 @@ def _restore_rng_state(state: dict, seed: int, rank: int, world_size: int) -> No
 def _save_checkpoint(path: str, **state) -> None:
     # Write then rename: a run killed mid-save leaves the previous checkpoint intact.
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except BaseException:
+        # A save that fails (an eval dict that does not pickle, a full disk) leaves no partial file behind.
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -185,13 +193,13 @@ def fit(
     """Train ``model`` with Adam on ``train_set`` for ``epochs`` epochs; returns the history.
 
     Each batch: ``loss_fn(model(x), y).backward()`` then an optimizer step (gradient norm clipped to
-    ``grad_clip`` if given). The learning rate halves every ``lr_halve_every`` epochs (StepLR). After each
-    epoch ``eval_fn(model, val_set)`` (a dict of floats) is recorded if both are given, and the checkpoint
-    file (model, optimizer, scheduler, epoch, RNG states, history) is rewritten; an existing checkpoint is
-    resumed from, so a rerun of an interrupted call continues where it stopped. Under torchrun the model is
-    wrapped in DistributedDataParallel and the data sharded by a DistributedSampler; only rank 0 shows
-    progress and writes the checkpoint (``desc`` labels the bar; ``leave=False`` clears it when done).
-    The model is left on ``device``.
+    ``grad_clip`` > 0 if given). The learning rate halves every ``lr_halve_every`` epochs (StepLR; None or
+    0: constant). After each epoch ``eval_fn(model, val_set)`` (a dict of floats) is recorded if both are
+    given, and the checkpoint file (model, optimizer, scheduler, epoch, RNG states, history) is rewritten;
+    an existing checkpoint is resumed from, so a rerun of an interrupted call continues where it stopped.
+    Under torchrun the model is wrapped in DistributedDataParallel and the data sharded by a
+    DistributedSampler; only rank 0 shows progress and writes the checkpoint (``desc`` labels the bar;
+    ``leave=False`` clears it when done). The model is left on ``device``.
 
     DDP must be told when some parameters get no gradient (CBL-CNN in "state" mode or with steps=0),
     else it waits for their reduction and fails at the next step. ``find_unused_parameters=None`` asks
@@ -207,8 +215,26 @@ def fit(
     history = {"train_loss": [mean loss per epoch], "val": [eval dict per epoch], "epochs_run": n,
                "epoch_seconds": [wall time per epoch]}
     """
-    if epochs < 0 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if epochs < 0 or batch_size < 1 or not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"need epochs >= 0, batch_size >= 1 and a finite lr > 0, got {epochs}, {batch_size}, {lr}")
+    # StepLR takes any step size: a negative one halves the rate every epoch (epoch % -1 == 0), a float at
+    # multiples of it. 0 and None keep the rate constant.
+    if lr_halve_every is not None:
+        if isinstance(lr_halve_every, bool) or not isinstance(lr_halve_every, numbers.Integral):
+            raise TypeError(f"lr_halve_every must be None or an int >= 0, got {type(lr_halve_every).__name__} "
+                            f"{lr_halve_every!r}")
+        if lr_halve_every < 0:
+            raise ValueError(f"lr_halve_every must be None or an int >= 0 (0: constant rate), got {lr_halve_every}")
+    # clip_grad_norm_ scales the gradients by grad_clip / norm: a negative bound reverses them (gradient
+    # ascent), 0 zeroes them (no training).
+    if grad_clip is not None:
+        if isinstance(grad_clip, bool) or not isinstance(grad_clip, numbers.Real):
+            raise TypeError(f"grad_clip must be None or a finite number > 0, got {type(grad_clip).__name__} {grad_clip!r}")
+        if not (grad_clip > 0 and math.isfinite(grad_clip)):
+            raise ValueError(f"grad_clip must be None or a finite number > 0, got {grad_clip}")
     world_size, rank, device = _setup_distributed(torch.device(device))
     main = rank == 0
     seed_everything(rank_seed(seed, rank))
@@ -218,6 +244,10 @@ def fit(
     history = {"train_loss": [], "val": [], "epochs_run": 0, "epoch_seconds": []}
 
     checkpoint = os.fspath(checkpoint) if checkpoint is not None else None
+    # Found now rather than by the first save, after a whole epoch of training. Every rank checks (they all
+    # read the file to resume), so none is left waiting for a rank 0 that failed.
+    if checkpoint is not None and not os.path.isdir(os.path.dirname(checkpoint) or "."):
+        raise FileNotFoundError(f"checkpoint {checkpoint!r}: its directory {os.path.dirname(checkpoint)!r} does not exist")
     if checkpoint is not None and os.path.exists(checkpoint):
         # Our own file: it holds NumPy RNG state, which weights_only loading refuses.
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)

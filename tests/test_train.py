@@ -127,6 +127,57 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
     assert again["train_loss"] == reference["train_loss"]
 
 
+def _linear_fit(**kwargs):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.arange(8) % 2)
+    args = dict(loss_fn=F.cross_entropy, epochs=2, batch_size=4, lr=0.1, progress=False)
+    return train.fit(torch.nn.Linear(4, 2), data, **{**args, **kwargs})
+
+
+def test_fit_refuses_settings_that_would_train_wrongly():
+    # StepLR took a negative step size and halved the rate every epoch (epoch % -1 == 0), a float one at its
+    # multiples; a negative grad_clip reversed the gradients (ascent), 0 zeroed them; lr=inf trained to NaN.
+    with pytest.raises(ValueError, match=r"lr_halve_every must be None or an int >= 0 \(0: constant rate\), got -1"):
+        _linear_fit(lr_halve_every=-1)
+    with pytest.raises(TypeError, match="lr_halve_every must be None or an int >= 0, got float 1.5"):
+        _linear_fit(lr_halve_every=1.5)
+    with pytest.raises(TypeError, match="lr_halve_every must be None or an int >= 0, got bool True"):
+        _linear_fit(lr_halve_every=True)
+    for bad in (-1.0, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"grad_clip must be None or a finite number > 0, got {bad}"):
+            _linear_fit(grad_clip=bad)
+    with pytest.raises(ValueError, match="a finite lr > 0, got 2, 4, inf"):
+        _linear_fit(lr=float("inf"))
+    with pytest.raises(ValueError, match="a finite lr > 0, got 2, 4, nan"):
+        _linear_fit(lr=float("nan"))
+    with pytest.raises(TypeError, match="epochs must be an int, got float 2.0"):
+        _linear_fit(epochs=2.0)
+    with pytest.raises(TypeError, match="epochs must be an int, got bool True"):
+        _linear_fit(epochs=True)
+    with pytest.raises(TypeError, match="batch_size must be an int, got float 2.5"):
+        _linear_fit(batch_size=2.5)
+    # 0 and None keep the rate constant, as before.
+    assert _linear_fit(lr_halve_every=0)["train_loss"] == _linear_fit(lr_halve_every=None)["train_loss"]
+
+
+def test_fit_checkpoint_problems_fail_early_and_leave_no_file(tmp_path):
+    batches = []
+
+    def loss_fn(out, y):
+        batches.append(1)
+        return F.cross_entropy(out, y)
+
+    # A missing directory used to fail at the first save, after a whole epoch of training.
+    missing = tmp_path / "no_such_dir" / "run.pt"
+    with pytest.raises(FileNotFoundError, match="checkpoint .*run.pt.*: its directory .*no_such_dir.* does not exist"):
+        _linear_fit(checkpoint=missing, loss_fn=loss_fn)
+    assert batches == [] and not missing.parent.exists()
+    # A save that fails (here an eval dict that does not pickle) leaves neither the checkpoint nor its .tmp.
+    with pytest.raises(Exception, match="pickle"):
+        _linear_fit(checkpoint=tmp_path / "run.pt", val_set=[], eval_fn=lambda model, data: {"bad": lambda: 0})
+    assert os.listdir(tmp_path) == []
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
