@@ -445,6 +445,16 @@ def test_new_options_are_validated_with_clear_errors():
         ContextualLoops([nn.Identity(), nn.Identity()], nn.Identity(), [3, 3], 3, vector_blocks=[2])
     with pytest.raises(TypeError, match="context_dim must be an int >= 1"):
         _cbl(context_dim=2.5)
+    # ContextualLoops' own sizes and indices too: int() used to truncate 4.7 channels to 4 and block 0.9 to 0.
+    head = nn.Sequential(nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(TypeError, match=r"block_channels\[0\] must be an int >= 1, got float 4.7"):
+        ContextualLoops([nn.Conv1d(2, 4, 1)], head, [4.7], 3)
+    with pytest.raises(TypeError, match=r"gated_blocks\[0\] must be an int >= 0, got float 0.9"):
+        ContextualLoops([nn.Conv1d(2, 4, 1)], head, [4], 3, gated_blocks=[0.9])
+    with pytest.raises(TypeError, match=r"vector_blocks\[0\] must be an int >= 0, got float 0.5"):
+        ContextualLoops([nn.Conv1d(2, 4, 1)], head, [4], 3, vector_blocks=[0.5])
+    with pytest.raises(ValueError, match=r"gated_blocks\[0\] must be >= 0, got -1"):
+        ContextualLoops([nn.Conv1d(2, 4, 1)], head, [4], 3, gated_blocks=[-1])
     # A concat_relu adapter told the wrong kind of state says which block and what it expected.
     blocks = [nn.Sequential(nn.Conv1d(2, 4, 1), nn.AdaptiveAvgPool1d(1), nn.Flatten())]
     model = ContextualLoops(blocks, nn.Linear(4, 3), [4], 3, adapter="concat_relu")
@@ -728,6 +738,12 @@ def test_input_block_and_head_errors_name_what_broke():
         model(torch.randn(2, 1, 8, 8))
     with pytest.raises(ValueError, match=r"x must be a batch \[B, C, H, W\]"):
         model(torch.randn(3, 8, 8))
+    # A 0-dim tensor is a Tensor of the wrong shape: the message gives the expected and the given shape.
+    loops = ContextualLoops([nn.Conv1d(2, 4, 1)], nn.Sequential(nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 3)), [4], 3)
+    with pytest.raises(ValueError, match=r"x must be a batched torch.Tensor \[B, \.\.\.\], got shape \[\]"):
+        loops(torch.tensor(1.0))
+    with pytest.raises(TypeError, match=r"x must be a batched torch.Tensor \[B, \.\.\.\], got list"):
+        loops([1.0])
     with pytest.raises(ValueError, match=r"x must have in_channels=3 channels, got 1"):
         StandardCNN(3, 7, **SMALL)(torch.randn(2, 1, 8, 8))
 

@@ -320,16 +320,18 @@ class ContextualLoops(nn.Module):
             self.register_parameter("alpha_parameter", None)
         self.alpha = alpha
         blocks = list(blocks)
-        block_channels = [int(c) for c in block_channels]
+        # Sizes and indices are ints under the user's names: a float (4.7, 0.9) is refused, not truncated by int().
+        block_channels = [check_int_setting(f"block_channels[{i}]", c, 1) for i, c in enumerate(block_channels)]
         if not blocks:
             raise ValueError("blocks must hold at least one module")
         if len(block_channels) != len(blocks):
             raise ValueError(f"block_channels must give one channel count per block ({len(blocks)}), got {block_channels}")
         check_int_setting("context_dim", context_dim, 1)
-        gated = sorted(set(range(len(blocks)) if gated_blocks is None else (int(i) for i in gated_blocks)))
+        gated = sorted(set(range(len(blocks)) if gated_blocks is None else (
+            check_int_setting(f"gated_blocks[{j}]", i, 0) for j, i in enumerate(gated_blocks))))
         if not gated or gated[0] < 0 or gated[-1] >= len(blocks):
             raise ValueError(f"gated_blocks must be non-empty indices in 0..{len(blocks) - 1}, got {gated_blocks}")
-        vectors = sorted(set(int(i) for i in vector_blocks))
+        vectors = sorted(set(check_int_setting(f"vector_blocks[{j}]", i, 0) for j, i in enumerate(vector_blocks)))
         if vectors and (vectors[0] < 0 or vectors[-1] >= len(blocks)):
             raise ValueError(f"vector_blocks must be indices in 0..{len(blocks) - 1}, got {tuple(vector_blocks)}")
         self.blocks = nn.ModuleList(blocks)
@@ -505,8 +507,10 @@ class ContextualLoops(nn.Module):
         return logits
 
     def _check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a batched torch.Tensor [B, ...], got {type(x).__name__}")
+        if x.dim() < 1:
+            raise ValueError(f"x must be a batched torch.Tensor [B, ...], got shape {list(x.shape)}")
 
     def forward(self, x: torch.Tensor, *, return_states: bool = False):
         self._check_input(x)
