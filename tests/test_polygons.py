@@ -109,6 +109,22 @@ def test_bad_arguments_are_rejected():
         PolygonDataset(2, sigma=-1.0)
     with pytest.raises(ValueError):
         PolygonDataset(2, num_vertices=2)
+    # Counts and the seed are ints under their names: int() used to truncate 10.7 items to 10 and seed 1.5 to 1.
+    with pytest.raises(TypeError, match="size must be an int >= 0, got float 10.7"):
+        PolygonDataset(10.7)
+    with pytest.raises(TypeError, match="image_size must be an int >= 1, got float 16.9"):
+        PolygonDataset(2, image_size=16.9)
+    with pytest.raises(TypeError, match="seed must be an int >= 0, got float 1.5"):
+        PolygonDataset(2, seed=1.5)
+    with pytest.raises(TypeError, match="channels must be an int >= 1, got float 2.0"):
+        PolygonDataset(2, channels=2.0)
+    # A negative seed used to be accepted here and fail at the first item.
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        PolygonDataset(2, seed=-1)
+    # sigma=nan used to give noiseless images (nan > 0 is False), sigma=inf NaN images.
+    for bad in (float("nan"), float("inf"), "1.0"):
+        with pytest.raises(ValueError, match="sigma must be a finite number >= 0"):
+            PolygonDataset(2, sigma=bad)
 
 
 def test_radius_spread_scales_with_the_image_unless_given_in_pixels():

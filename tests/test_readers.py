@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from fbkernels.data import cifar10, speech_commands
-from fbkernels.data.cifar import CIFAR10_MEAN, CIFAR10_STD, stratified_split
+from fbkernels.data.cifar import CIFAR10, CIFAR10_MEAN, CIFAR10_STD, stratified_split
 from fbkernels.data.mel import log_mel_spectrogram, mel_center_frequencies, mel_filterbank, mel_spectrogram
 from fbkernels.data.speech import read_wav
-from fbkernels.data.synthetic import synthetic_classification
+from fbkernels.data.synthetic import SyntheticClassification, synthetic_classification
 
 # ---------------------------------------------------------------- CIFAR-10
 
@@ -134,6 +134,25 @@ def test_cifar_errors_name_the_problem(cifar_root, tmp_path):
         cifar10(root, "train")
 
 
+def test_cifar_labels_fraction_and_augment_are_checked_not_coerced(cifar_root):
+    root = cifar_root[0]
+    directory = root / "cifar-10-batches-py"
+    # Float labels were truncated by astype(int64) (0.5 -> class 0), bools read as classes 0 and 1.
+    for labels in ([0.5] * 7, [True] * 7):
+        _write_cifar_batch(directory / "test_batch", np.zeros((7, 3072), dtype=np.uint8), labels)
+        with pytest.raises(ValueError, match=r"test_batch.*'labels' must be integer class indices in 0..9, got dtype"):
+            cifar10(root, "test")
+    # A fraction outside [0, 1] was clamped to one item per class, or all items but one.
+    for bad in (1.5, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=f"val_fraction must be a number in \\[0, 1\\], got {bad}"):
+            CIFAR10(root, "val", val_fraction=bad)
+    with pytest.raises(ValueError, match="val_fraction"):
+        stratified_split(np.arange(20) % 2, 2.0)
+    # augment="no" was bool("no"), i.e. True.
+    with pytest.raises(TypeError, match="augment must be None or a bool, got str 'no'"):
+        cifar10(root, "train", augment="no")
+
+
 # ---------------------------------------------------------------- Speech Commands
 
 
@@ -220,6 +239,22 @@ def test_speech_errors_name_the_problem(speech_root, tmp_path_factory):
     os.remove(root / "validation_list.txt")
     with pytest.raises(FileNotFoundError, match="validation_list.txt"):
         speech_commands(root, "train")
+    # An empty file: wave's EOFError has no text, which left the message ending in ": ".
+    (bad / "empty.wav").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.wav' is not a readable PCM WAV file: the file ends inside its header"):
+        read_wav(bad / "empty.wav")
+
+
+def test_speech_feature_settings_are_checked_when_built(speech_root):
+    root, _ = speech_root
+    # Features are computed on access: a typo first failed inside a DataLoader worker, n_mels=0 gave [1, 0, 101].
+    with pytest.raises(ValueError, match=r"mel_backend must be one of \('auto', 'torch', 'torchaudio'\), got 'torchaduio'"):
+        speech_commands(root, "val", mel_backend="torchaduio")
+    with pytest.raises(ValueError, match="n_mels must be >= 1, got 0"):
+        speech_commands(root, "val", n_mels=0)
+    with pytest.raises(TypeError, match="n_mels must be an int >= 1, got float 8.5"):
+        speech_commands(root, "val", n_mels=8.5)
+    assert speech_commands(root, "val", n_mels=8, mel_backend="torch")[0][0].shape == (1, 8, 101)
 
 
 # ---------------------------------------------------------------- mel front end
@@ -292,3 +327,23 @@ def test_synthetic_set_is_deterministic_balanced_and_shares_the_task():
     cosine = flat @ flat.t()
     torch.testing.assert_close(cosine[same_class], torch.ones(int(same_class.sum())))
     assert cosine[~same_class].max() < 0.99
+
+
+def test_synthetic_set_arguments_are_checked_under_their_names():
+    # torch's errors named no argument (randperm of a float; random_ "from >= to" for a negative max_shift),
+    # a NaN noise gave NaN images, and one channel of 1x1 a NaN prototype (the std of one value).
+    with pytest.raises(TypeError, match="num_samples must be an int >= 0, got float 10.0"):
+        SyntheticClassification(10.0)
+    with pytest.raises(TypeError, match="size must be an int >= 1, got float 8.5"):
+        SyntheticClassification(10, size=8.5)
+    with pytest.raises(ValueError, match="max_shift must be >= 0, got -1"):
+        SyntheticClassification(10, max_shift=-1)
+    with pytest.raises(ValueError, match="num_classes must be >= 2, got 1"):
+        SyntheticClassification(10, num_classes=1)
+    for name in ("noise", "max_distractor"):
+        for bad in (float("nan"), -1.0):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0, got {bad}"):
+                SyntheticClassification(10, **{name: bad})
+    with pytest.raises(ValueError, match=r"need channels \* size \* size >= 2"):
+        SyntheticClassification(4, channels=1, size=1)
+    assert torch.isfinite(SyntheticClassification(4, channels=2, size=1).images).all()

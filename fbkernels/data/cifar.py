@@ -10,6 +10,7 @@ Items are (normalised float32 image [3, 32, 32], int label).
 """
 from __future__ import annotations
 
+import numbers
 import os
 import pickle
 
@@ -61,6 +62,9 @@ def _read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise ValueError(f"{path!r}: 'data' must be uint8 [N, 3072], got {data.dtype} {list(data.shape)}")
+    # Class indices: a float label (0.5) would be truncated by astype(int64), a bool counted as class 0 or 1.
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path!r}: 'labels' must be integer class indices in 0..9, got dtype {labels.dtype}")
     if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
         raise ValueError(f"{path!r}: 'labels' must hold one label per image ({data.shape[0]}), got shape {list(labels.shape)}")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
@@ -71,6 +75,9 @@ def _read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
 def stratified_split(labels: np.ndarray, val_fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(train_indices, val_indices), sorted: per class a seeded permutation, round(n_c * val_fraction)
     of its n_c items to validation (at least one when the class has two or more items)."""
+    # Outside [0, 1] the clamp below would silently turn any fraction into "one item" or "all but one".
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must be a number in [0, 1], got {val_fraction!r}")
     rng = np.random.default_rng(seed)
     train, val = [], []
     for label in np.unique(labels):
@@ -97,6 +104,8 @@ class CIFAR10(Dataset):
                  val_fraction: float = VAL_FRACTION):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if augment is not None and not isinstance(augment, bool):  # bool("no") is True
+            raise TypeError(f"augment must be None or a bool, got {type(augment).__name__} {augment!r}")
         directory = _find_batches_dir(root)
         if split == "test":
             images, labels = _read_batch(os.path.join(directory, TEST_FILE))

@@ -15,12 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..models.feedback import check_int_setting
 from .mel import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, log_mel_spectrogram
 
 __all__ = ["SpeechCommands", "speech_commands", "read_wav", "fit_length"]
 
 SPLITS = ("train", "val", "test")
 LIST_FILES = {"val": "validation_list.txt", "test": "testing_list.txt"}
+MEL_BACKENDS = ("auto", "torch", "torchaudio")
 
 
 def read_wav(path, *, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
@@ -33,7 +35,9 @@ def read_wav(path, *, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
             channels, width, rate, frames = wav.getnchannels(), wav.getsampwidth(), wav.getframerate(), wav.getnframes()
             raw = wav.readframes(frames)
     except (wave.Error, EOFError) as error:
-        raise ValueError(f"{path!r} is not a readable PCM WAV file: {error}") from error
+        # EOFError carries no text (an empty or cut-short header): say what it means.
+        reason = str(error) or "the file ends inside its header"
+        raise ValueError(f"{path!r} is not a readable PCM WAV file: {reason}") from error
     if channels != 1 or width != 2:
         raise ValueError(f"{path!r}: expected mono 16-bit PCM, got {channels} channel(s) of {8 * width}-bit samples")
     if rate != sample_rate:
@@ -74,6 +78,11 @@ class SpeechCommands(Dataset):
     def __init__(self, root, split: str = "train", *, n_mels: int = N_MELS, mel_backend: str = "auto"):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        # Checked now: the spectrograms are computed on access, so a typo would first fail in a DataLoader worker,
+        # and n_mels=0 gave empty [1, 0, 101] features without an error.
+        check_int_setting("n_mels", n_mels, 1)
+        if mel_backend not in MEL_BACKENDS:
+            raise ValueError(f"mel_backend must be one of {MEL_BACKENDS}, got {mel_backend!r}")
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"Speech Commands root {root!r} does not exist")

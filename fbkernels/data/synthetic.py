@@ -12,8 +12,13 @@ drawn once from ``seed`` (deterministic): (float32 [channels, size, size], int l
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch.utils.data import Dataset
+
+from ..models.feedback import check_int_setting
 
 __all__ = ["SyntheticClassification", "synthetic_classification", "SPLIT_SEEDS"]
 
@@ -34,9 +39,17 @@ class SyntheticClassification(Dataset):
     def __init__(self, num_samples: int, *, num_classes: int = 10, channels: int = 3, size: int = 16,
                  noise: float = 1.0, max_shift: int = 3, max_distractor: float = 0.7, seed: int = 0,
                  task_seed: int = 1234):
-        if num_samples < 0 or num_classes < 2 or channels < 1 or size < 1:
-            raise ValueError(f"need num_samples >= 0, num_classes >= 2, channels >= 1, size >= 1; got "
-                             f"{num_samples}, {num_classes}, {channels}, {size}")
+        # Checked here under the user's names: torch's own errors (randperm of a float, random_ "from >= to" for a
+        # negative max_shift) named none, and a NaN noise gave NaN images.
+        for name, value, minimum in (("num_samples", num_samples, 0), ("num_classes", num_classes, 2),
+                                     ("channels", channels, 1), ("size", size, 1), ("max_shift", max_shift, 0)):
+            check_int_setting(name, value, minimum)
+        if channels * size * size < 2:
+            raise ValueError(f"need channels * size * size >= 2 (a one-value prototype has no unit variance), got "
+                             f"channels={channels}, size={size}")
+        for name, value in (("noise", noise), ("max_distractor", max_distractor)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         task = torch.Generator().manual_seed(task_seed)
         prototypes = _prototypes(num_classes, channels, size, task)
         gen = torch.Generator().manual_seed(seed)
