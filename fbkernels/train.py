@@ -194,8 +194,8 @@ def fit(
 
     Each batch: ``loss_fn(model(x), y).backward()`` then an optimizer step (gradient norm clipped to
     ``grad_clip`` > 0 if given). The learning rate halves every ``lr_halve_every`` epochs (StepLR; None or
-    0: constant). After each epoch ``eval_fn(model, val_set)`` (a dict of floats) is recorded if both are
-    given, and the checkpoint file (model, optimizer, scheduler, epoch, RNG states, history) is rewritten;
+    0: constant). After each epoch ``eval_fn(model, val_set)`` (a dict of floats) is recorded (give both or
+    neither), and the checkpoint file (model, optimizer, scheduler, epoch, RNG states, history) is rewritten;
     an existing checkpoint is resumed from, so a rerun of an interrupted call continues where it stopped.
     Under torchrun the model is wrapped in DistributedDataParallel and the data sharded by a
     DistributedSampler; only rank 0 shows progress and writes the checkpoint (``desc`` labels the bar;
@@ -207,7 +207,7 @@ def fit(
     keeps DDP's default (False: no extra graph traversal per step); pass True for a model of your own
     whose forward leaves parameters unused.
 
-    Randomness: the data order (the sampler's shuffle) is one function of (seed, epoch) shared by every
+    Randomness: the data order (the sampler's shuffle) is one function of (seed >= 0, epoch) shared by every
     rank, while the global generators (dropout masks, random augmentation, DataLoader worker seeds) are
     seeded per rank, so the ranks draw different masks for their different samples; rank 0 (and a
     single-process run) uses ``seed`` itself. The checkpoint keeps every rank's generator states.
@@ -235,6 +235,13 @@ def fit(
             raise TypeError(f"grad_clip must be None or a finite number > 0, got {type(grad_clip).__name__} {grad_clip!r}")
         if not (grad_clip > 0 and math.isfinite(grad_clip)):
             raise ValueError(f"grad_clip must be None or a finite number > 0, got {grad_clip}")
+    # Validation needs both: with one of them the epochs' evaluation was skipped without a word.
+    if (val_set is None) != (eval_fn is None):
+        given, missing = ("val_set", "eval_fn") if eval_fn is None else ("eval_fn", "val_set")
+        raise ValueError(f"{given} was given without {missing}: per-epoch validation needs both (or neither)")
+    # A negative seed ran on one process but failed under DDP, where ranks > 0 derive theirs (rank_seed).
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {type(seed).__name__} {seed!r}")
     world_size, rank, device = _setup_distributed(torch.device(device))
     main = rank == 0
     seed_everything(rank_seed(seed, rank))

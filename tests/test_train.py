@@ -156,6 +156,14 @@ def test_fit_refuses_settings_that_would_train_wrongly():
         _linear_fit(epochs=True)
     with pytest.raises(TypeError, match="batch_size must be an int, got float 2.5"):
         _linear_fit(batch_size=2.5)
+    # Half of the validation pair was ignored without a word; a negative seed failed only under DDP (rank_seed).
+    with pytest.raises(ValueError, match="val_set was given without eval_fn"):
+        _linear_fit(val_set=[])
+    with pytest.raises(ValueError, match="eval_fn was given without val_set"):
+        _linear_fit(eval_fn=lambda model, data: {})
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"seed must be an int >= 0, got {type(bad).__name__} {bad}"):
+            _linear_fit(seed=bad)
     # 0 and None keep the rate constant, as before.
     assert _linear_fit(lr_halve_every=0)["train_loss"] == _linear_fit(lr_halve_every=None)["train_loss"]
 
