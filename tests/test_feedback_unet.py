@@ -445,13 +445,19 @@ class _BatchNormNet(torch.nn.Module):
         return self.out(torch.relu(self.norm(self.conv(inputs))))
 
 
-def test_checkpoint_mode_with_batchnorm_matches_full_mode_and_updates_statistics_once_per_forward():
+def _full_and_checkpointed_batchnorm_loops():
+    """Two float64 loops with the same weights around a BatchNorm network, full and checkpointed BPTT, and a batch."""
     torch.manual_seed(0)
     full = FeedbackLoop(_BatchNormNet(), torch.nn.Conv2d(3, 2, 1), num_classes=2, seg_channels=3).double()
     ckpt = FeedbackLoop(_BatchNormNet(), torch.nn.Conv2d(3, 2, 1), num_classes=2, seg_channels=3, bptt="checkpoint")
     ckpt.double().load_state_dict(full.state_dict())
     x = torch.rand(3, 2, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 2, (3, 8, 8))
+    return full, ckpt, x, y
+
+
+def test_checkpoint_mode_with_batchnorm_matches_full_mode_and_updates_statistics_once_per_forward():
+    full, ckpt, x, y = _full_and_checkpointed_batchnorm_loops()
     full_loss, full_grads = _loss_and_grads(full, x, y, steps=4)
     ckpt_loss, ckpt_grads = _loss_and_grads(ckpt, x, y, steps=4)
     torch.testing.assert_close(ckpt_loss, full_loss, rtol=1e-12, atol=0)
@@ -465,12 +471,7 @@ def test_checkpoint_mode_with_batchnorm_matches_full_mode_and_updates_statistics
 def test_checkpoint_mode_with_batchnorm_backpropagates_a_retained_graph_twice():
     # Each backward recomputes the checkpointed steps inside the one context checkpoint's context_fn gave at the
     # forward: it must be enterable again (a second loss.backward() used to fail with an AttributeError).
-    torch.manual_seed(0)
-    full = FeedbackLoop(_BatchNormNet(), torch.nn.Conv2d(3, 2, 1), num_classes=2, seg_channels=3).double()
-    ckpt = FeedbackLoop(_BatchNormNet(), torch.nn.Conv2d(3, 2, 1), num_classes=2, seg_channels=3, bptt="checkpoint")
-    ckpt.double().load_state_dict(full.state_dict())
-    x = torch.rand(3, 2, 8, 8, dtype=torch.float64)
-    y = torch.randint(0, 2, (3, 8, 8))
+    full, ckpt, x, y = _full_and_checkpointed_batchnorm_loops()
     for model in (full, ckpt):
         loss = step_loss(model(x, steps=3), y)
         loss.backward(retain_graph=True)
