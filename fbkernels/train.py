@@ -22,6 +22,7 @@ import numbers
 import os
 import random
 import time
+import warnings
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -266,6 +267,10 @@ def fit(
         _restore_rng_state(state, seed, rank, world_size)
 
     start_epoch = history["epochs_run"]
+    if start_epoch > epochs and main:
+        # A longer run's file: nothing is trained, and what comes back has more epochs than were asked for.
+        warnings.warn(f"checkpoint {checkpoint!r} holds {start_epoch} epochs, more than epochs={epochs}: nothing is "
+                      f"trained, and the model and history returned are those of {start_epoch} epochs", stacklevel=2)
     train_model = model
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -329,3 +330,14 @@ def test_ddp_ranks_share_the_data_order_but_not_the_dropout_masks(ddp_results):
         assert resumed["indices"] == reference["indices"][2:]
         for got, want in zip(resumed["masks"], reference["masks"][2:]):
             assert torch.equal(got, want)
+
+
+def test_fit_warns_when_the_checkpoint_holds_more_epochs_than_asked(tmp_path):
+    run = tmp_path / "run.pt"
+    longer = _linear_fit(checkpoint=run, epochs=3)
+    with pytest.warns(UserWarning, match="holds 3 epochs, more than epochs=1: nothing is trained"):
+        resumed = _linear_fit(checkpoint=run, epochs=1)
+    assert resumed == longer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same number of epochs (a rerun of a finished run) is no surprise
+        assert _linear_fit(checkpoint=run, epochs=3) == longer
