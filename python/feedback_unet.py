@@ -1047,6 +1047,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Preset]:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    # None means the preset's seeds and torch's threads; 0 would fall back to those silently (`or`, `if threads:`)
+    # and a negative count would run no seed or fail in torch.set_num_threads.
+    for flag, value in (("--seeds", args.seeds), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -1088,19 +1093,33 @@ def override(preset: Preset, assignments) -> Preset:
                 changes[name] = tuple(_number(v) for v in value.split(",") if v)
             elif current is None or default is None:
                 changes[name] = None if value.lower() == "none" else int(value)
+            elif Preset.__dataclass_fields__[name].type == "float":
+                # A float field may hold an int in a preset (stability_sigma=6): "6.5" must still be accepted.
+                changes[name] = float(value)
             else:
                 changes[name] = type(current)(value)
         except ValueError:
             kind = ("a comma list of numbers" if isinstance(current, tuple) else
-                    "an int or none" if current is None or default is None else type(current).__name__)
+                    "an int or none" if current is None or default is None else
+                    "float" if Preset.__dataclass_fields__[name].type == "float" else type(current).__name__)
             raise ValueError(f"--set {name}: expected {kind}, got {value!r}") from None
         if name in CHOICES and changes[name] not in CHOICES[name]:
             raise ValueError(f"--set {name}: expected one of {list(CHOICES[name])}, got {value!r}")
         if name == "tau" and not (math.isfinite(changes[name]) and changes[name] > 0):
             raise ValueError(f"--set tau: expected a positive finite number, got {value!r}")
-        if name in ("test_steps", "steps", "stability_steps") and changes[name] is not None and changes[name] < 1:
+        # FeedbackLoop refuses such a tol only when earlyexit evaluates, after every noise run has been trained.
+        if name == "earlyexit_tols" and not all(math.isfinite(t) and t > 0 for t in changes[name]):
+            raise ValueError(f"--set earlyexit_tols: expected positive finite numbers, got {value!r}")
+        # seeds and trainsize_seeds too: 0 ran no seed, or (trainsize_seeds) silently fell back to seeds.
+        if (name in ("test_steps", "steps", "stability_steps", "seeds", "trainsize_seeds") and changes[name] is not None
+                and changes[name] < 1):
             raise ValueError(f"--set {name}: expected an int >= 1, got {value!r}")
-    return replace(preset, **changes)
+    preset = replace(preset, **changes)
+    # Checked on the result, whichever of the two was set: a T_test below T reported its last step as the F1 "at
+    # T" and failed in the example grid after every run was trained.
+    if preset.t_test < preset.steps:
+        raise ValueError(f"--set test_steps: expected none or an int >= steps ({preset.steps}), got {preset.test_steps}")
+    return preset
 
 
 def _number(text: str):

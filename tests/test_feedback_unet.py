@@ -782,6 +782,37 @@ def test_feedback_unet_authors_options_from_the_command_line(tmp_path):
     assert script.preset_hash(script.override(quick, ["tau=0.2"])) != script.preset_hash(quick)
 
 
+def test_feedback_unet_counts_below_one_are_refused_and_float_fields_take_floats(capsys):
+    # --seeds 0 and --threads 0 fell back to the preset's seeds and torch's threads without a word, --set
+    # trainsize_seeds=0 to --seeds; a negative count ran no seed. stability_sigma, a float field holding 6, refused 6.5.
+    script = _experiment_script()
+    for argv, message in ((["--seeds", "0"], "--seeds must be >= 1, got 0"),
+                          (["--seeds", "-2"], "--seeds must be >= 1, got -2"),
+                          (["--threads", "0"], "--threads must be >= 1, got 0"),
+                          (["--set", "seeds=0"], "--set seeds: expected an int >= 1, got '0'"),
+                          (["--set", "trainsize_seeds=0"], "--set trainsize_seeds: expected an int >= 1, got '0'")):
+        with pytest.raises(SystemExit):
+            script.parse_args(["noise", *argv])
+        assert message in capsys.readouterr().err
+    _, preset = script.parse_args(["stability", "--set", "stability_sigma=6.5"])
+    assert preset.stability_sigma == 6.5
+    with pytest.raises(ValueError, match="stability_sigma: expected float, got 'x'"):
+        script.override(script.PRESETS["quick"], ["stability_sigma=x"])
+
+
+def test_feedback_unet_settings_that_failed_after_training_are_refused_at_once():
+    script = _experiment_script()
+    # T_test below the training T: its last step was reported as the F1 at T, and the example grid failed.
+    for sets in (["test_steps=3"], ["test_steps=3", "steps=4"], ["steps=4", "test_steps=3"]):
+        with pytest.raises(ValueError, match=r"test_steps: expected none or an int >= steps \((5|4)\), got 3"):
+            script.override(script.PRESETS["quick"], sets)
+    assert script.override(script.PRESETS["quick"], ["steps=4", "test_steps=4"]).t_test == 4
+    # A tol <= 0 failed in FeedbackLoop only after earlyexit had trained every noise run.
+    for bad in ("earlyexit_tols=0.1,-1", "earlyexit_tols=0", "earlyexit_tols=inf"):
+        with pytest.raises(ValueError, match="earlyexit_tols: expected positive finite numbers"):
+            script.override(script.PRESETS["quick"], [bad])
+
+
 def test_run_lock_excludes_a_second_holder(tmp_path):
     fcntl = pytest.importorskip("fcntl")
     script = _experiment_script()
