@@ -207,7 +207,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, help="synthetic: image side")
     parser.add_argument("--noise", type=float, help="synthetic: pixel noise std")
     parser.add_argument("--limit-train", type=int, help="real data: train on a fixed random subset of this size")
-    parser.add_argument("--limit-eval", type=int, help="real data: validate and test on the first N items")
+    parser.add_argument("--limit-eval", type=int,
+                        help="real data: validate and test on a fixed random subset of N items of each split")
     parser.add_argument("--eval-batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for training")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
@@ -245,10 +246,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if len(args.widths) != expected_widths or min(args.widths) < 1:
         parser.error(f"--widths needs {expected_widths} positive values for --backbone {args.backbone}, "
                      f"got {','.join(map(str, args.widths))}")
+    # A negative limit sliced that many items off the data (randperm(n)[:-5]) instead of failing, 0 emptied the
+    # split; a non-positive evaluation batch failed in the DataLoader only after the first training epoch.
+    for flag, value in (("--limit-train", args.limit_train), ("--limit-eval", args.limit_eval),
+                        ("--eval-batch-size", args.eval_batch_size)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
     if args.step_weights is None:
         args.step_weights = [1.0] * (args.steps + 1) if args.loss_steps == "all" else [0.0] * args.steps + [1.0]
     elif len(args.step_weights) != args.steps + 1:
         parser.error(f"--step-weights needs steps + 1 = {args.steps + 1} values, got {len(args.step_weights)}")
+    elif not all(math.isfinite(w) for w in args.step_weights):  # a NaN or inf weight trains on a NaN loss
+        parser.error(f"--step-weights must be finite numbers, got {','.join(map(str, args.step_weights))}")
     if args.dataset != "synthetic" and not args.data_dir:
         parser.error(f"--dataset {args.dataset} reads local files (nothing is downloaded): give --data-dir "
                      "(or use --dataset synthetic)")
@@ -615,9 +624,12 @@ CONFIG_KEYS = ("preset", "variant", "dataset", "data_dir", "batch_size", "lr", "
 
 
 def check_resumable(out, config):
-    """Checkpoints in ``out`` from another configuration would resume the wrong training: refuse."""
+    """Checkpoints in ``out`` from another configuration would resume the wrong training: refuse. A config.json
+    without checkpoints (a run that failed or was stopped before its first epoch ended, say out of memory) holds
+    nothing to resume: the same --out with other settings is then fine."""
     path = os.path.join(out, "config.json")
-    if os.path.exists(path):
+    checkpoints = os.path.join(out, "checkpoints")
+    if os.path.exists(path) and os.path.isdir(checkpoints) and any(n.endswith(".pt") for n in os.listdir(checkpoints)):
         with open(path) as file:
             previous = json.load(file)
         changed = sorted(k for k in CONFIG_KEYS if previous.get(k) != config.get(k))

@@ -513,6 +513,20 @@ def test_quick_preset_end_to_end_and_resume(tmp_path, capsys):
         experiment.main(["--preset", "quick", "--epochs", "2", "--out", out, *TINY, "--lr", "0.1"])
 
 
+def test_a_configuration_without_checkpoints_does_not_lock_the_out_directory(tmp_path):
+    # A run that failed before its first checkpoint (here on an impossible image size; on a GPU, out of memory at
+    # batch 128) left config.json behind, and the corrected command was refused as "holds checkpoints of another
+    # configuration" although there was nothing to resume.
+    experiment = _experiment()
+    out = str(tmp_path / "run")
+    tiny = [*TINY, "--runs", "1", "--epochs", "1", "--out", out]
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        experiment.main([*tiny, "--image-size", "0"])
+    assert os.listdir(os.path.join(out, "checkpoints")) == []
+    result = experiment.main(tiny)
+    assert len(result["runs"]) == 2
+
+
 @pytest.mark.experiments
 def test_authors_variant_end_to_end(tmp_path):
     experiment = _experiment()
@@ -556,6 +570,31 @@ def test_variants_set_their_bundle_and_explicit_flags_win():
                 ["--steps", "2", "--step-weights", "1,1"], ["--standard-dropout", "1"], ["--variant", "both"]):
         with pytest.raises(SystemExit):
             experiment.parse_args(bad)
+
+
+def test_impossible_limits_batches_and_step_weights_are_refused(capsys):
+    # --limit-train -5 dropped 5 items without a word (randperm(n)[:-5]), --eval-batch-size 0 failed only after
+    # the first training epoch, and a NaN step weight trained on a NaN loss.
+    experiment = _experiment()
+    cifar = ["--dataset", "cifar10", "--data-dir", "unused"]
+    for bad, message in (([*cifar, "--limit-train", "-5"], "--limit-train must be at least 1, got -5"),
+                         ([*cifar, "--limit-eval", "0"], "--limit-eval must be at least 1, got 0"),
+                         (["--eval-batch-size", "0"], "--eval-batch-size must be at least 1, got 0"),
+                         (["--step-weights", "nan,1,1"], "--step-weights must be finite numbers, got nan,1.0,1.0")):
+        with pytest.raises(SystemExit):
+            experiment.parse_args(bad)
+        assert message in capsys.readouterr().err
+    assert experiment.parse_args([*cifar, "--limit-train", "1"]).limit_train == 1
+
+
+def test_limit_eval_help_says_what_the_subset_is(capsys):
+    # --help promised "the first N items"; load_data takes a fixed random subset (_subset), as for --limit-train.
+    experiment = _experiment()
+    with pytest.raises(SystemExit):
+        experiment.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--limit-eval LIMIT_EVAL real data: validate and test on a fixed random subset" in text
+    assert experiment._subset(list(range(100)), 5, 1).indices != [0, 1, 2, 3, 4]
 
 
 def test_set_fields_like_their_flags():
