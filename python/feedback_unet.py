@@ -1103,6 +1103,10 @@ def override(preset: Preset, assignments) -> Preset:
                     "an int or none" if current is None or default is None else
                     "float" if Preset.__dataclass_fields__[name].type == "float" else type(current).__name__)
             raise ValueError(f"--set {name}: expected {kind}, got {value!r}") from None
+        # Every list (noise levels, training sizes, tols) drives a loop or a plot: empty, an experiment failed
+        # with an IndexError or ran nothing.
+        if isinstance(current, tuple) and not changes[name]:
+            raise ValueError(f"--set {name}: expected a comma list of at least one number, got {value!r}")
         if name in CHOICES and changes[name] not in CHOICES[name]:
             raise ValueError(f"--set {name}: expected one of {list(CHOICES[name])}, got {value!r}")
         if name == "tau" and not (math.isfinite(changes[name]) and changes[name] > 0):

@@ -807,6 +807,10 @@ def test_feedback_unet_settings_that_failed_after_training_are_refused_at_once()
         with pytest.raises(ValueError, match=r"test_steps: expected none or an int >= steps \((5|4)\), got 3"):
             script.override(script.PRESETS["quick"], sets)
     assert script.override(script.PRESETS["quick"], ["steps=4", "test_steps=4"]).t_test == 4
+    # An empty list: sigmas= failed with an IndexError before training.
+    for field in ("sigmas", "train_sizes", "ablation_sigmas", "example_sigmas", "earlyexit_tols"):
+        with pytest.raises(ValueError, match=f"--set {field}: expected a comma list of at least one number, got ''"):
+            script.override(script.PRESETS["quick"], [f"{field}="])
     # A tol <= 0 failed in FeedbackLoop only after earlyexit had trained every noise run.
     for bad in ("earlyexit_tols=0.1,-1", "earlyexit_tols=0", "earlyexit_tols=inf"):
         with pytest.raises(ValueError, match="earlyexit_tols: expected positive finite numbers"):
