@@ -17,8 +17,6 @@ DDP ranks, DataLoader workers and resumed runs.
 """
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import random
 import time
@@ -34,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from . import metrics
+from ._settings import check_int_setting, check_real_setting
 
 __all__ = [
     "seed_everything",
@@ -216,33 +215,21 @@ def fit(
     history = {"train_loss": [mean loss per epoch], "val": [eval dict per epoch], "epochs_run": n,
                "epoch_seconds": [wall time per epoch]}
     """
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if epochs < 0 or batch_size < 1 or not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"need epochs >= 0, batch_size >= 1 and a finite lr > 0, got {epochs}, {batch_size}, {lr}")
+    check_int_setting("epochs", epochs, 0)
+    check_int_setting("batch_size", batch_size, 1)
+    check_real_setting("lr", lr, 0, exclusive=True)
     # StepLR takes any step size: a negative one halves the rate every epoch (epoch % -1 == 0), a float at
     # multiples of it. 0 and None keep the rate constant.
-    if lr_halve_every is not None:
-        if isinstance(lr_halve_every, bool) or not isinstance(lr_halve_every, numbers.Integral):
-            raise TypeError(f"lr_halve_every must be None or an int >= 0, got {type(lr_halve_every).__name__} "
-                            f"{lr_halve_every!r}")
-        if lr_halve_every < 0:
-            raise ValueError(f"lr_halve_every must be None or an int >= 0 (0: constant rate), got {lr_halve_every}")
+    check_int_setting("lr_halve_every", lr_halve_every, 0, optional=True)
     # clip_grad_norm_ scales the gradients by grad_clip / norm: a negative bound reverses them (gradient
     # ascent), 0 zeroes them (no training).
-    if grad_clip is not None:
-        if isinstance(grad_clip, bool) or not isinstance(grad_clip, numbers.Real):
-            raise TypeError(f"grad_clip must be None or a finite number > 0, got {type(grad_clip).__name__} {grad_clip!r}")
-        if not (grad_clip > 0 and math.isfinite(grad_clip)):
-            raise ValueError(f"grad_clip must be None or a finite number > 0, got {grad_clip}")
+    check_real_setting("grad_clip", grad_clip, 0, exclusive=True, optional=True)
     # Validation needs both: with one of them the epochs' evaluation was skipped without a word.
     if (val_set is None) != (eval_fn is None):
         given, missing = ("val_set", "eval_fn") if eval_fn is None else ("eval_fn", "val_set")
         raise ValueError(f"{given} was given without {missing}: per-epoch validation needs both (or neither)")
     # A negative seed ran on one process but failed under DDP, where ranks > 0 derive theirs (rank_seed).
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {type(seed).__name__} {seed!r}")
+    check_int_setting("seed", seed, 0)
     world_size, rank, device = _setup_distributed(torch.device(device))
     main = rank == 0
     seed_everything(rank_seed(seed, rank))

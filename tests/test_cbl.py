@@ -758,16 +758,18 @@ def test_settings_are_validated_where_they_enter():
         model.backend = "nonsense"
     with pytest.raises(ValueError, match="mode must be one of"):
         model.mode = "loop"
-    with pytest.raises(ValueError, match="alpha must be in"):
+    with pytest.raises(ValueError, match=r"alpha must be a finite number >= 0 and <= 1, got -0.5"):
         model.alpha = -0.5
+    with pytest.raises(ValueError, match=r"alpha must be a finite number >= 0 and <= 1, got nan"):
+        model.alpha = float("nan")
     assert (model.steps, model.backend, model.mode, model.alpha) == (2, None, "repropagate", 0.0)
     # Any real number, as the op takes it: a NumPy float32 (not a Python float) too; a bool or a tensor is refused.
     model.alpha = np.float32(0.25)
     assert model.alpha == 0.25 and type(model.alpha) is float
     assert _cbl(alpha=np.float32(0.5), learn_alpha=True).alpha == 0.5
-    with pytest.raises(TypeError, match="alpha must be a float in"):
+    with pytest.raises(TypeError, match="alpha must be a finite number >= 0 and <= 1, got bool True"):
         model.alpha = True
-    with pytest.raises(TypeError, match="alpha must be a float in"):
+    with pytest.raises(TypeError, match="alpha must be a finite number >= 0 and <= 1, got Tensor"):
         model.alpha = torch.tensor(0.5)
 
 

@@ -252,7 +252,7 @@ def test_feedforward_decay_settings_are_checked_at_construction():
     with pytest.raises(TypeError, match="decay_step must be an int >= 0, got str '5'"):
         FeedforwardUNet(3, 2, width=4, depth=1, decay=True, decay_step="5")
     # tau as FeedbackUNet checks it, with or without decay.
-    with pytest.raises(ValueError, match="tau must be a positive finite number, got -1"):
+    with pytest.raises(ValueError, match="tau must be a finite number > 0, got -1"):
         FeedforwardUNet(3, 2, width=4, depth=1, tau=-1)
     assert FeedforwardUNet(3, 2, width=4, depth=1, decay=True, decay_step=0)(torch.rand(1, 3, 8, 8)).shape == (1, 2, 8, 8)
 
@@ -366,7 +366,7 @@ def test_early_exit_tolerance_is_validated_and_return_states_is_keyword_only():
     model = tiny()
     x = torch.rand(1, 3, 8, 8)
     for bad in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="tol must be a positive finite number or None"):
+        with pytest.raises(ValueError, match="tol must be None or a finite number > 0"):
             model(x, steps=2, tol=bad)
     for bad in ("1e-3", True, torch.tensor(1e-3)):
         with pytest.raises(TypeError, match="tol must be"):
@@ -657,9 +657,9 @@ def test_authors_options_are_validated():
     with pytest.raises(ValueError, match=r"decay_init must be one of \['orthogonal', 'independent'\], got 'xavier'"):
         tiny(decay_init="xavier")
     for bad in (0.0, -1.0, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="tau must be a positive finite number"):
+        with pytest.raises(ValueError, match="tau must be a finite number > 0"):
             tiny(tau=bad)
-    with pytest.raises(TypeError, match="tau must be a positive finite number, got str"):
+    with pytest.raises(TypeError, match="tau must be a finite number > 0, got str"):
         tiny(tau="0.2")
     with pytest.raises(TypeError, match="feedback_layernorm must be a bool"):
         FeedbackLoop(torch.nn.Conv2d(4, 5, 1), torch.nn.Conv2d(3, 2, 1), num_classes=2, seg_channels=3,

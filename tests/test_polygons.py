@@ -122,9 +122,11 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
         PolygonDataset(2, seed=-1)
     # sigma=nan used to give noiseless images (nan > 0 is False), sigma=inf NaN images.
-    for bad in (float("nan"), float("inf"), "1.0"):
-        with pytest.raises(ValueError, match="sigma must be a finite number >= 0"):
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match=f"sigma must be a finite number >= 0, got {bad}"):
             PolygonDataset(2, sigma=bad)
+    with pytest.raises(TypeError, match="sigma must be a finite number >= 0, got str '1.0'"):
+        PolygonDataset(2, sigma="1.0")
 
 
 def test_radius_spread_scales_with_the_image_unless_given_in_pixels():
@@ -148,6 +150,9 @@ def test_radius_spread_scales_with_the_image_unless_given_in_pixels():
 
 
 def test_radius_spread_is_validated():
-    for bad in (-1.0, float("nan"), float("inf"), "5", True):
-        with pytest.raises(ValueError, match="radius_std must be None or a finite number of pixels >= 0"):
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"radius_std must be None or a finite number >= 0, got {bad}"):
+            PolygonDataset(1, radius_std=bad)
+    for bad in ("5", True):
+        with pytest.raises(TypeError, match=f"radius_std must be None or a finite number >= 0, got {type(bad).__name__}"):
             PolygonDataset(1, radius_std=bad)

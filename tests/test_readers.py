@@ -144,7 +144,7 @@ def test_cifar_labels_fraction_and_augment_are_checked_not_coerced(cifar_root):
             cifar10(root, "test")
     # A fraction outside [0, 1] was clamped to one item per class, or all items but one.
     for bad in (1.5, -0.5, float("nan")):
-        with pytest.raises(ValueError, match=f"val_fraction must be a number in \\[0, 1\\], got {bad}"):
+        with pytest.raises(ValueError, match=f"val_fraction must be a finite number >= 0 and <= 1, got {bad}"):
             CIFAR10(root, "val", val_fraction=bad)
     with pytest.raises(ValueError, match="val_fraction"):
         stratified_split(np.arange(20) % 2, 2.0)

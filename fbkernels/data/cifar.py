@@ -10,13 +10,14 @@ Items are (normalised float32 image [3, 32, 32], int label).
 """
 from __future__ import annotations
 
-import numbers
 import os
 import pickle
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .._settings import check_real_setting
 
 __all__ = ["CIFAR10", "cifar10", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "stratified_split"]
 
@@ -76,8 +77,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float = VAL_FRACTION, see
     """(train_indices, val_indices), sorted: per class a seeded permutation, round(n_c * val_fraction)
     of its n_c items to validation (at least one when the class has two or more items)."""
     # Outside [0, 1] the clamp below would silently turn any fraction into "one item" or "all but one".
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0.0 <= val_fraction <= 1.0:
-        raise ValueError(f"val_fraction must be a number in [0, 1], got {val_fraction!r}")
+    check_real_setting("val_fraction", val_fraction, 0, maximum=1)
     rng = np.random.default_rng(seed)
     train, val = [], []
     for label in np.unique(labels):

@@ -20,13 +20,12 @@ stay reproducible and resumable.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..models.feedback import check_int_setting
+from .._settings import check_int_setting, check_real_setting
 
 __all__ = ["PolygonDataset", "polygon_vertices", "rasterize_polygon", "default_radius_std"]
 
@@ -99,17 +98,14 @@ class PolygonDataset(Dataset):
         radius_std: float | None = None,
         channels: int = 3,
     ):
-        if radius_std is not None and not (isinstance(radius_std, (int, float)) and not isinstance(radius_std, bool)
-                                           and math.isfinite(radius_std) and radius_std >= 0):
-            raise ValueError(f"radius_std must be None or a finite number of pixels >= 0, got {radius_std!r}")
+        check_real_setting("radius_std", radius_std, 0, optional=True)
         # Counts and the seed are ints: int() would silently truncate 10.7 items to 10 or seed 1.5 to 1, and a
         # negative seed would only fail at the first item (SeedSequence takes no negative entropy).
         for name, value, minimum in (("size", size, 0), ("image_size", image_size, 1), ("seed", seed, 0),
                                      ("num_vertices", num_vertices, 3), ("channels", channels, 1)):
             check_int_setting(name, value, minimum)
         # A NaN sigma failed the "sigma > 0" test in __getitem__ and gave noiseless images; inf gave NaN images.
-        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (math.isfinite(sigma) and sigma >= 0):
-            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        check_real_setting("sigma", sigma, 0)
         self.size, self.image_size, self.sigma, self.seed = int(size), int(image_size), float(sigma), int(seed)
         self.radius_std = default_radius_std(self.image_size) if radius_std is None else float(radius_std)
         self.train, self.num_vertices, self.channels = bool(train), int(num_vertices), int(channels)

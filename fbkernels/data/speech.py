@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..models.feedback import check_int_setting
+from .._settings import check_int_setting
 from .mel import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, log_mel_spectrogram
 
 __all__ = ["SpeechCommands", "speech_commands", "read_wav", "fit_length"]

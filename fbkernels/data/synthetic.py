@@ -12,13 +12,11 @@ drawn once from ``seed`` (deterministic): (float32 [channels, size, size], int l
 """
 from __future__ import annotations
 
-import math
-import numbers
 
 import torch
 from torch.utils.data import Dataset
 
-from ..models.feedback import check_int_setting
+from .._settings import check_int_setting, check_real_setting
 
 __all__ = ["SyntheticClassification", "synthetic_classification", "SPLIT_SEEDS"]
 
@@ -47,9 +45,8 @@ class SyntheticClassification(Dataset):
         if channels * size * size < 2:
             raise ValueError(f"need channels * size * size >= 2 (a one-value prototype has no unit variance), got "
                              f"channels={channels}, size={size}")
-        for name, value in (("noise", noise), ("max_distractor", max_distractor)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_real_setting("noise", noise, 0)
+        check_real_setting("max_distractor", max_distractor, 0)
         task = torch.Generator().manual_seed(task_seed)
         prototypes = _prototypes(num_classes, channels, size, task)
         gen = torch.Generator().manual_seed(seed)

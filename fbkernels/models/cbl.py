@@ -54,7 +54,6 @@ in eval; pass 0 keeps the layer's own buffers, so the backbone's state_dict is a
 """
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import torch
@@ -62,7 +61,8 @@ from torch import nn
 
 import fbkernels
 
-from .feedback import backend_setting, check_input, check_int_setting, has_running_statistics
+from .._settings import check_int_setting, check_real_setting
+from .feedback import backend_setting, check_input, has_running_statistics
 
 __all__ = ["StandardCNN", "SmallCNN", "ContextualLoops", "CBLCNN", "ConcatReluAdapter", "build_backbone",
            "MODES", "CONTEXT_MAPS", "ADAPTERS", "BACKBONES"]
@@ -405,11 +405,7 @@ class ContextualLoops(nn.Module):
     @alpha.setter
     def alpha(self, value: float) -> None:
         # Any real number, as fbkernels.context_gate takes it (a NumPy float32 is not a Python float).
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"alpha must be a float in [0, 1], got {type(value).__name__}")
-        if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {value}")
-        self._alpha = float(value)
+        self._alpha = check_real_setting("alpha", value, 0, maximum=1)
         if self.alpha_parameter is not None:
             with torch.no_grad():
                 self.alpha_parameter.fill_(float(value))

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +49,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
 import fbkernels
+from fbkernels._settings import check_choice, check_int_setting, check_positive_setting, check_real_setting
 from fbkernels.backends import BACKENDS
 
 __all__ = ["DecayMatrix", "FeedbackLoop", "SpatialLayerNorm", "fractional_update_factors", "state_changes"]
@@ -61,15 +61,6 @@ FRACTIONAL_ALPHA = 1.5  # the order alpha of the authors' update factor
 
 
 # ---------------------------------------------------------------- setting checks shared by the models
-
-def check_int_setting(name: str, value, minimum: int) -> int:
-    """``value`` as an int >= minimum; a float (even 2.0), a bool or anything else is refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
 
 def check_backend_setting(value) -> str | None:
     """A backend name from fbkernels.backends.BACKENDS or None. Whether it can run is checked per call:
@@ -124,22 +115,6 @@ def check_input(x, *, in_channels: int | None, spatial_dims: int | None) -> None
         raise ValueError(f"x must have in_channels={in_channels} channels, got {x.shape[1]} (shape {list(x.shape)})")
 
 
-def check_choice(name: str, value, choices) -> str:
-    """``value`` if it is one of ``choices`` (strings), else a ValueError naming the argument and the choices."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
-def check_positive_setting(name: str, value) -> float:
-    """``value`` as a positive finite float; a bool or a non-number is refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive finite number, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return float(value)
-
-
 def fractional_update_factors(steps: int, alpha: float = FRACTIONAL_ALPHA) -> list[float]:
     """The authors' per-step update factors c(t) = (1 - (t-1)/T)**(alpha-1) / Gamma(alpha), t = 1..T (T = steps)."""
     steps = check_int_setting("steps", steps, 1)
@@ -160,16 +135,6 @@ class SpatialLayerNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, x.shape[2:], eps=self.eps)
-
-
-def _check_tol(tol) -> float | None:
-    if tol is None:
-        return None
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-        raise TypeError(f"tol must be a positive finite number or None, got {type(tol).__name__}")
-    if not (math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a positive finite number or None, got {tol}")
-    return float(tol)
 
 
 def has_running_statistics(module: nn.Module) -> bool:
@@ -425,7 +390,7 @@ class FeedbackLoop(nn.Module):
 
     def forward(self, x: Tensor, steps: int | None = None, *, tol: float | None = None, return_states: bool = False):
         steps = self.steps if steps is None else check_int_setting("steps", steps, 1)
-        tol = _check_tol(tol)
+        tol = check_real_setting("tol", tol, 0, exclusive=True, optional=True)
         check_input(x, in_channels=self.in_channels, spatial_dims=self.spatial_dims)
         checkpointed = self.bptt == "checkpoint" and torch.is_grad_enabled()
         norms = [m for m in running_statistics_modules(self.network, self.head) if m.training] if checkpointed else []

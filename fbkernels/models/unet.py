@@ -26,8 +26,9 @@ from torch import Tensor, nn
 
 import fbkernels
 
-from .feedback import (DecayMatrix, FeedbackLoop, SpatialLayerNorm, backend_setting, check_choice, check_input,
-                       check_int_setting, check_positive_setting, check_softmax_setting)
+from .._settings import check_choice, check_int_setting, check_positive_setting
+from .feedback import (DecayMatrix, FeedbackLoop, SpatialLayerNorm, backend_setting, check_input,
+                       check_softmax_setting)
 
 __all__ = ["UNet", "FeedbackUNet", "FeedforwardUNet", "NORMALIZATIONS"]
 
