@@ -12,7 +12,7 @@
 
 Datasets yield ``(input, target)`` pairs. A dataset with a ``set_epoch(epoch)`` method (like
 ``fbkernels.data.PolygonDataset``, whose training noise is redrawn each epoch) is told the epoch
-before the epoch starts, so its randomness is a function of (seed, epoch, index): identical across
+before the epoch starts, also inside a ``Subset`` or ``ConcatDataset``, so its randomness is a function of (seed, epoch, index): identical across
 DDP ranks, DataLoader workers and resumed runs.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from . import metrics
@@ -168,6 +168,19 @@ def _save_checkpoint(path: str, **state) -> None:
 
 # ---------------------------------------------------------------- training
 
+def _set_dataset_epoch(dataset: Dataset, epoch: int) -> None:
+    """Call ``set_epoch(epoch)`` on ``dataset`` and on every dataset inside it (through ``Subset`` and
+    ``ConcatDataset``, which have no ``set_epoch`` of their own: a PolygonDataset wrapped in them would otherwise
+    repeat the noise of epoch 0 every epoch)."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    elif isinstance(dataset, Subset):
+        _set_dataset_epoch(dataset.dataset, epoch)
+    elif isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            _set_dataset_epoch(part, epoch)
+
+
 def fit(
     model: nn.Module,
     train_set: Dataset,
@@ -283,8 +296,7 @@ def fit(
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
         sampler.set_epoch(epoch)
-        if hasattr(train_set, "set_epoch"):
-            train_set.set_epoch(epoch)
+        _set_dataset_epoch(train_set, epoch)
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         count = torch.zeros((), dtype=torch.float64, device=device)

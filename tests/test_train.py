@@ -128,11 +128,29 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
     assert again["train_loss"] == reference["train_loss"]
 
 
-def _linear_fit(**kwargs):
+def _linear_fit(data=None, **kwargs):
     torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.arange(8) % 2)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.arange(8) % 2) if data is None else data
     args = dict(loss_fn=F.cross_entropy, epochs=2, batch_size=4, lr=0.1, progress=False)
     return train.fit(torch.nn.Linear(4, 2), data, **{**args, **kwargs})
+
+
+class _EpochRecordingData(torch.utils.data.TensorDataset):
+    def __init__(self, n):
+        super().__init__(torch.randn(n, 4), torch.arange(n) % 2)
+        self.epochs = []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+
+def test_fit_tells_the_epoch_to_datasets_inside_subset_and_concat():
+    # fit looked for set_epoch on the train set only: a PolygonDataset in a Subset repeated epoch 0's noise.
+    plain, inner, first, second = (_EpochRecordingData(8) for _ in range(4))
+    _linear_fit(data=plain, epochs=3)
+    _linear_fit(data=torch.utils.data.Subset(inner, range(6)), epochs=3)
+    _linear_fit(data=torch.utils.data.ConcatDataset([first, torch.utils.data.Subset(second, [0, 1])]), epochs=3)
+    assert plain.epochs == inner.epochs == first.epochs == second.epochs == [0, 1, 2]
 
 
 def test_fit_refuses_settings_that_would_train_wrongly():
