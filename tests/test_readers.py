@@ -197,6 +197,16 @@ def test_speech_splits_labels_and_items(speech_root):
             assert label == dataset.classes.index(dataset.items[i][0].split("/")[0])
 
 
+def test_speech_lists_match_paths_written_with_dot_or_backslash(speech_root):
+    # "./no/b_nohash_0.wav" did not match "no/b_nohash_0.wav": the clip was reported missing.
+    root, _ = speech_root
+    (root / "validation_list.txt").write_text("./no/b_nohash_0.wav\nup\\a_nohash_0.wav\n")
+    (root / "testing_list.txt").write_text("yes/../yes/c_nohash_0.wav\n")
+    assert sorted(speech_commands(root, "val").items) == [("no/b_nohash_0.wav", 0), ("up/a_nohash_0.wav", 1)]
+    assert speech_commands(root, "test").items == [("yes/c_nohash_0.wav", 2)]
+    assert len(speech_commands(root, "train")) == 6
+
+
 def test_speech_clips_are_padded_or_cut_to_one_second(speech_root):
     root, clips = speech_root
     val, test = speech_commands(root, "val"), speech_commands(root, "test")

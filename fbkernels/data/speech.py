@@ -9,6 +9,7 @@ out. Labels are the word folders sorted by name (35 words in v0.02). Clips are z
 from __future__ import annotations
 
 import os
+import posixpath
 import wave
 
 import numpy as np
@@ -64,8 +65,9 @@ def _read_list(root: str, name: str) -> set[str]:
         raise FileNotFoundError(f"Speech Commands split list {path!r} is missing (the standard directory has "
                                 f"{LIST_FILES['val']} and {LIST_FILES['test']} next to the word folders)")
     with open(path, encoding="utf-8") as file:
-        # Normalise separators so lists written on any OS match os.path.join-built paths.
-        return {line.strip().replace("\\", "/") for line in file if line.strip()}
+        # Normalise separators and "./" or "a/../" so that lists written on any OS, or by a script, match the
+        # "<word>/<file>.wav" paths built from the folders.
+        return {posixpath.normpath(line.strip().replace("\\", "/")) for line in file if line.strip()}
 
 
 class SpeechCommands(Dataset):
