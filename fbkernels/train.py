@@ -168,6 +168,19 @@ def _save_checkpoint(path: str, **state) -> None:
 
 # ---------------------------------------------------------------- training
 
+def _check_resumed_settings(checkpoint: str, saved: dict | None, settings: dict) -> None:
+    """Refuse to resume a checkpoint written with other settings: the optimizer's and scheduler's saved state
+    would silently replace the lr and halving asked for, and the data order and clipping would change mid-run.
+    A checkpoint from before the settings were saved is resumed as it is."""
+    if saved is None:
+        return
+    changed = [f"{name}={settings[name]!r} (checkpoint: {saved[name]!r})" for name in settings
+               if name in saved and saved[name] != settings[name]]
+    if changed:
+        raise ValueError(f"checkpoint {checkpoint!r} was written by a run with other settings: {', '.join(changed)}. "
+                         f"Resume with the checkpoint's settings, or give a new checkpoint path to start a new run")
+
+
 def _set_dataset_epoch(dataset: Dataset, epoch: int) -> None:
     """Call ``set_epoch(epoch)`` on ``dataset`` and on every dataset inside it (through ``Subset`` and
     ``ConcatDataset``, which have no ``set_epoch`` of their own: a PolygonDataset wrapped in them would otherwise
@@ -209,7 +222,9 @@ def fit(
     ``grad_clip`` > 0 if given). The learning rate halves every ``lr_halve_every`` epochs (StepLR; None or
     0: constant). After each epoch ``eval_fn(model, val_set)`` (a dict of floats) is recorded (give both or
     neither), and the checkpoint file (model, optimizer, scheduler, epoch, RNG states, history) is rewritten;
-    an existing checkpoint is resumed from, so a rerun of an interrupted call continues where it stopped.
+    an existing checkpoint is resumed from, so a rerun of an interrupted call continues where it stopped (or
+    trains on, with more ``epochs``); a checkpoint written with another ``lr``, ``lr_halve_every``,
+    ``weight_decay``, ``grad_clip``, ``batch_size`` or ``seed`` is refused with a ValueError.
     Under torchrun the model is wrapped in DistributedDataParallel and the data sharded by a
     DistributedSampler; only rank 0 shows progress and writes the checkpoint (``desc`` labels the bar;
     ``leave=False`` clears it when done). The model is left on ``device``.
@@ -237,6 +252,7 @@ def fit(
     # clip_grad_norm_ scales the gradients by grad_clip / norm: a negative bound reverses them (gradient
     # ascent), 0 zeroes them (no training).
     check_real_setting("grad_clip", grad_clip, 0, exclusive=True, optional=True)
+    check_real_setting("weight_decay", weight_decay, 0)
     # Validation needs both: with one of them the epochs' evaluation was skipped without a word.
     if (val_set is None) != (eval_fn is None):
         given, missing = ("val_set", "eval_fn") if eval_fn is None else ("eval_fn", "val_set")
@@ -251,6 +267,9 @@ def fit(
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, lr_halve_every, gamma=0.5) if lr_halve_every else None
     history = {"train_loss": [], "val": [], "epochs_run": 0, "epoch_seconds": []}
 
+    # What the optimisation depends on besides the epoch count (which a rerun may raise to train on).
+    settings = dict(lr=float(lr), lr_halve_every=lr_halve_every or 0, weight_decay=float(weight_decay),
+                    grad_clip=None if grad_clip is None else float(grad_clip), batch_size=int(batch_size), seed=int(seed))
     checkpoint = os.fspath(checkpoint) if checkpoint is not None else None
     # Found now rather than by the first save, after a whole epoch of training. Every rank checks (they all
     # read the file to resume), so none is left waiting for a rank 0 that failed.
@@ -259,6 +278,7 @@ def fit(
     if checkpoint is not None and os.path.exists(checkpoint):
         # Our own file: it holds NumPy RNG state, which weights_only loading refuses.
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        _check_resumed_settings(checkpoint, state.get("settings"), settings)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
@@ -340,6 +360,7 @@ def fit(
                     epoch=epoch + 1,
                     rng_per_rank=rng_per_rank,
                     history=history,
+                    settings=settings,
                 )
             if world_size > 1:  # no rank goes on (or resumes in a next fit call) before the file is complete
                 dist.barrier()

@@ -366,3 +366,21 @@ def test_fit_warns_when_the_checkpoint_holds_more_epochs_than_asked(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same number of epochs (a rerun of a finished run) is no surprise
         assert _linear_fit(checkpoint=run, epochs=3) == longer
+
+
+def test_fit_refuses_to_resume_a_checkpoint_written_with_other_settings(tmp_path):
+    # The optimizer's saved state replaced the lr asked for (and StepLR's its halving) without a word.
+    run = tmp_path / "run.pt"
+    first = _linear_fit(checkpoint=run, epochs=1, lr=0.1, lr_halve_every=1)
+    for changed, message in ((dict(lr=0.01), r"lr=0.01 \(checkpoint: 0.1\)"),
+                             (dict(lr_halve_every=None), r"lr_halve_every=0 \(checkpoint: 1\)"),
+                             (dict(batch_size=2, seed=1), r"batch_size=2 \(checkpoint: 4\), seed=1 \(checkpoint: 0\)"),
+                             (dict(grad_clip=1.0), r"grad_clip=1.0 \(checkpoint: None\)"),
+                             (dict(weight_decay=1e-4), r"weight_decay=0.0001 \(checkpoint: 0.0\)")):
+        with pytest.raises(ValueError, match=f"written by a run with other settings: {message}"):
+            _linear_fit(checkpoint=run, **{"epochs": 2, "lr": 0.1, "lr_halve_every": 1, **changed})
+    # The same settings with more epochs train on from the checkpoint.
+    resumed = _linear_fit(checkpoint=run, epochs=2, lr=0.1, lr_halve_every=1)
+    assert resumed["epochs_run"] == 2 and resumed["train_loss"][:1] == first["train_loss"]
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0, got -1.0"):
+        _linear_fit(weight_decay=-1.0)
