@@ -321,7 +321,6 @@ def train_and_evaluate(spec: RunSpec, preset: Preset, args, model, key: str, kee
     result_path, ckpt_path = runs_dir / f"{key}.json", runs_dir / f"{key}.pt"
     example_path, weights_path = runs_dir / f"{key}.npz", runs_dir / f"{key}.weights.pt"
     train_set, test_set = datasets(preset, spec.sigma, spec.train_size, spec.seed)
-    started = time.perf_counter()
     history = train.fit(
         model, train_set, loss_fn=feedback_loss, epochs=preset.epochs, batch_size=preset.batch_size,
         lr=preset.lr, device=args.device, seed=spec.seed, checkpoint=ckpt_path, progress=not args.no_progress,
@@ -340,7 +339,8 @@ def train_and_evaluate(spec: RunSpec, preset: Preset, args, model, key: str, kee
         **{k: v for k, v in evaluation.items() if k.endswith("_per_step")},
         "train_loss": history["train_loss"],
         "random_f1": metrics.random_baseline_f1(metrics.class_prior(test_set.labels())),
-        "train_seconds": trained - started,
+        # Every epoch's time, also those of an interrupted earlier call that this one resumed.
+        "train_seconds": sum(history["epoch_seconds"]),
         "eval_seconds": time.perf_counter() - trained,
     }
     if train.is_main_process():

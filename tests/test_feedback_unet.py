@@ -846,3 +846,32 @@ def test_runs_trained_in_parallel_jobs_equal_the_sequential_ones(tmp_path):
     assert [p["f1_runs"] for p in sequential] == [p["f1_runs"] for p in jobs]
     with pytest.raises(SystemExit):
         script.main(["noise", *TINY, "--jobs", "0", "--out", str(tmp_path / "bad")])
+
+
+@pytest.mark.experiments
+def test_feedback_unet_train_seconds_count_the_epochs_of_an_interrupted_call(tmp_path, monkeypatch):
+    # A run resumed from its checkpoint reported only the resumed epochs' time.
+    import json
+    import time
+
+    script = _experiment_script()
+    real_fit = script.train.fit
+
+    def interrupted_after_one_epoch(model, data, **kwargs):
+        def slow_loss(output, target):
+            time.sleep(0.5)  # per batch: the interrupted call's epoch takes >= 0.5 s
+            return kwargs["loss_fn"](output, target)
+
+        real_fit(model, data, **{**kwargs, "epochs": 1, "loss_fn": slow_loss})
+        raise KeyboardInterrupt
+
+    argv = ["stability", *TINY, "--seeds", "1", "--set", "epochs=2", "--out", str(tmp_path / "out")]
+    with monkeypatch.context() as patch:
+        patch.setattr(script.train, "fit", interrupted_after_one_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            script.main(argv)
+    script.main(argv)
+    results = [json.loads(path.read_text()) for path in (tmp_path / "out" / "runs").glob("*.json")]
+    assert results and all(len(r["train_loss"]) == 2 for r in results)
+    # The run that was interrupted counts its first epoch; the others trained in the second call alone.
+    assert sorted(r["train_seconds"] >= 0.5 for r in results) == [False] * (len(results) - 1) + [True]
