@@ -10,7 +10,16 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_choice", "check_int_setting", "check_positive_setting", "check_real_setting"]
+import numpy as np
+
+__all__ = ["check_bool_setting", "check_choice", "check_int_setting", "check_positive_setting", "check_real_setting"]
+
+
+def check_bool_setting(name: str, value) -> bool:
+    """``value`` if it is a bool (a NumPy bool too); anything else, even 0, 1 or "no" (which is truthy), is refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def check_int_setting(name: str, value, minimum: int, *, optional: bool = False) -> int | None:

@@ -257,6 +257,23 @@ def test_feedforward_decay_settings_are_checked_at_construction():
     assert FeedforwardUNet(3, 2, width=4, depth=1, decay=True, decay_step=0)(torch.rand(1, 3, 8, 8)).shape == (1, 2, 8, 8)
 
 
+def test_decay_flags_are_bools_and_learned_rates_need_the_decay():
+    # learn_rates=True without decay was dropped without a word; decay="no" (truthy) built a decay matrix.
+    for model in (FeedbackUNet, FeedforwardUNet):
+        with pytest.raises(ValueError, match="learn_rates=True needs decay=True"):
+            model(3, 2, width=4, depth=1, decay=False, learn_rates=True)
+        with pytest.raises(TypeError, match="decay must be a bool, got str 'no'"):
+            model(3, 2, width=4, depth=1, decay="no")
+        with pytest.raises(TypeError, match="learn_rates must be a bool, got int 1"):
+            model(3, 2, width=4, depth=1, decay=True, learn_rates=1)
+    with pytest.raises(TypeError, match="learn_rates must be a bool, got int 0"):
+        DecayMatrix(3, learn_rates=0)
+    with pytest.raises(TypeError, match="feedback_layernorm must be a bool, got int 1"):
+        FeedbackLoop(torch.nn.Conv2d(5, 3, 1), torch.nn.Conv2d(1, 2, 1), num_classes=2, seg_channels=1,
+                     feedback_layernorm=1)
+    assert FeedbackUNet(3, 2, width=4, depth=1, seg_channels=4, decay=True, learn_rates=True).decay.rate_logits.shape == (6,)
+
+
 def test_settings_are_validated_where_they_enter():
     model = tiny()
     x = torch.rand(1, 3, 8, 8)

@@ -127,6 +127,9 @@ def test_bad_arguments_are_rejected():
             PolygonDataset(2, sigma=bad)
     with pytest.raises(TypeError, match="sigma must be a finite number >= 0, got str '1.0'"):
         PolygonDataset(2, sigma="1.0")
+    # train="no" is truthy: it redrew a test set's noise every epoch.
+    with pytest.raises(TypeError, match="train must be a bool, got str 'no'"):
+        PolygonDataset(2, train="no")
 
 
 def test_radius_spread_scales_with_the_image_unless_given_in_pixels():

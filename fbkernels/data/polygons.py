@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._settings import check_int_setting, check_real_setting
+from .._settings import check_bool_setting, check_int_setting, check_real_setting
 
 __all__ = ["PolygonDataset", "polygon_vertices", "rasterize_polygon", "default_radius_std"]
 
@@ -106,6 +106,7 @@ class PolygonDataset(Dataset):
             check_int_setting(name, value, minimum)
         # A NaN sigma failed the "sigma > 0" test in __getitem__ and gave noiseless images; inf gave NaN images.
         check_real_setting("sigma", sigma, 0)
+        check_bool_setting("train", train)
         self.size, self.image_size, self.sigma, self.seed = int(size), int(image_size), float(sigma), int(seed)
         self.radius_std = default_radius_std(self.image_size) if radius_std is None else float(radius_std)
         self.train, self.num_vertices, self.channels = bool(train), int(num_vertices), int(channels)

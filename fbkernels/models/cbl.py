@@ -61,7 +61,7 @@ from torch import nn
 
 import fbkernels
 
-from .._settings import check_int_setting, check_real_setting
+from .._settings import check_bool_setting, check_int_setting, check_real_setting
 from .feedback import backend_setting, check_input, has_running_statistics
 
 __all__ = ["StandardCNN", "SmallCNN", "ContextualLoops", "CBLCNN", "ConcatReluAdapter", "build_backbone",
@@ -310,9 +310,7 @@ class ContextualLoops(nn.Module):
         check_int_setting("steps", steps, 0)
         self.context_map = _check_choice("context_map", context_map, CONTEXT_MAPS)
         self.adapter = _check_choice("adapter", adapter, ADAPTERS)
-        if not isinstance(learn_alpha, bool):
-            raise TypeError(f"learn_alpha must be a bool, got {type(learn_alpha).__name__} {learn_alpha!r}")
-        self.learn_alpha = learn_alpha
+        self.learn_alpha = check_bool_setting("learn_alpha", learn_alpha)
         # The parameter exists before the alpha setter runs, which writes the initial value into it.
         if learn_alpha:
             self.alpha_parameter = nn.Parameter(torch.zeros(()))

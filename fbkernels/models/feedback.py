@@ -49,7 +49,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
 import fbkernels
-from fbkernels._settings import check_choice, check_int_setting, check_positive_setting, check_real_setting
+from fbkernels._settings import check_bool_setting, check_choice, check_int_setting, check_positive_setting, check_real_setting
 from fbkernels.backends import BACKENDS
 
 __all__ = ["DecayMatrix", "FeedbackLoop", "SpatialLayerNorm", "fractional_update_factors", "state_changes"]
@@ -61,6 +61,14 @@ FRACTIONAL_ALPHA = 1.5  # the order alpha of the authors' update factor
 
 
 # ---------------------------------------------------------------- setting checks shared by the models
+
+def check_decay_settings(decay, learn_rates) -> None:
+    """decay and learn_rates are bools, and learned rates need the decay matrix they are the rates of
+    (without it they were silently dropped)."""
+    if check_bool_setting("learn_rates", learn_rates) and not check_bool_setting("decay", decay):
+        raise ValueError("learn_rates=True needs decay=True: without the decay matrix there are no rates to learn")
+    check_bool_setting("decay", decay)
+
 
 def check_backend_setting(value) -> str | None:
     """A backend name from fbkernels.backends.BACKENDS or None. Whether it can run is checked per call:
@@ -194,6 +202,7 @@ class DecayMatrix(nn.Module):
         check_int_setting("channels", channels, 1)
         self.tau = check_positive_setting("tau", tau)
         self.init = check_choice("decay_init", init, DECAY_INITS)
+        check_bool_setting("learn_rates", learn_rates)
         if init == "orthogonal":
             basis = nn.init.orthogonal_(torch.empty(channels, channels))
             basis_inv = basis.t().clone()
@@ -285,9 +294,8 @@ class FeedbackLoop(nn.Module):
     ):
         super().__init__()
         self.update_factor = check_choice("update_factor", update_factor, UPDATE_FACTORS)
-        if not isinstance(feedback_layernorm, bool):
-            raise TypeError(f"feedback_layernorm must be a bool, got {type(feedback_layernorm).__name__}")
-        self.feedback_layernorm = feedback_layernorm
+        self.feedback_layernorm = check_bool_setting("feedback_layernorm", feedback_layernorm)
+        check_decay_settings(decay, learn_rates)
         check_positive_setting("tau", tau)
         check_choice("decay_init", decay_init, DECAY_INITS)
         self.num_classes = check_int_setting("num_classes", num_classes, 1)

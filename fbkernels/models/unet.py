@@ -27,8 +27,8 @@ from torch import Tensor, nn
 import fbkernels
 
 from .._settings import check_choice, check_int_setting, check_positive_setting
-from .feedback import (DecayMatrix, FeedbackLoop, SpatialLayerNorm, backend_setting, check_input,
-                       check_softmax_setting)
+from .feedback import (DecayMatrix, FeedbackLoop, SpatialLayerNorm, backend_setting, check_decay_settings,
+                       check_input, check_softmax_setting)
 
 __all__ = ["UNet", "FeedbackUNet", "FeedforwardUNet", "NORMALIZATIONS"]
 
@@ -169,6 +169,7 @@ class FeedforwardUNet(nn.Module):
         # Checked here, also without decay as FeedbackUNet does: unchecked, a bad decay_step surfaced only in the
         # first forward, as decay_matrix's error about its argument "t".
         check_positive_setting("tau", tau)
+        check_decay_settings(decay, learn_rates)
         self.decay_step, self.backend = check_int_setting("decay_step", decay_step, 0), backend
         self.network = UNet(in_channels, self.state_channels, width=width, depth=depth)
         self.head = nn.Conv2d(seg_channels, num_classes, 1)
