@@ -25,7 +25,8 @@ copies is what the memory system can do when nothing else gets in the way, so ba
 runs on a shared machine (a median would drift with the load).
 
 Outputs go to ``--out`` (default ``runs/bench/``, outside the committed files); a file is named for the script,
-the device and, for smoke runs, ``_smoke``, never for the date.
+the device, the dtype when not float32, ``_partial`` for a run that leaves out part of the default run, and
+``_smoke`` for smoke runs, never for the date (``result_path``).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import fbkernels
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "runs" / "bench"
 MIB = 1 << 20
@@ -67,6 +70,36 @@ def import_fbkernels():
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(text: str | None) -> torch.device:
+    """The device of ``--device`` (cpu, cuda or cuda:N; None: cuda when present, else cpu), always with an index on
+    CUDA (``torch.cuda.set_device`` refuses a CUDA device without one); ValueError saying why it cannot be used."""
+    if text is None:
+        text = default_device()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ValueError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"expected cpu, cuda or cuda:N with CUDA available, got {text!r}: CUDA is not available "
+                         "on this machine")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if not 0 <= index < count:
+        raise ValueError(f"expected cuda:N with N in 0..{count - 1} ({count} CUDA device{'s' * (count != 1)}), "
+                         f"got {text!r}")
+    return torch.device("cuda", index)
+
+
+def use_device(device: torch.device) -> None:
+    """Make a (resolved, indexed) CUDA device the current one; nothing on CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def device_name(device: torch.device) -> str:
@@ -210,7 +243,8 @@ def _timed_rounds(fns: dict, names: list, repeats: int, device: torch.device) ->
 PEAK_MEM_METHOD = {
     "cpu": "torch.profiler(profile_memory=True) CPU-allocator events of one untimed pass: peak of the running sum of "
            "allocated bytes above the level at the start of the pass (pre-existing inputs excluded; memory "
-           "allocated outside torch's allocator is not seen)",
+           "allocated outside torch's allocator is not seen; the cpp backend's cache of large output blocks is "
+           "emptied before the pass, so its outputs are counted)",
     "cuda": "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated() at the start "
             "of the pass (pre-existing inputs excluded)",
 }
@@ -254,6 +288,10 @@ def peak_memory_bytes(fn, device: torch.device) -> int:
 
     from torch.profiler import ProfilerActivity, profile
 
+    # The cpp backend hands out cached blocks for outputs of 32 MiB or more: a reused block is no allocator event,
+    # so a pass starting with cached blocks would not count its outputs. Emptied, the pass allocates every output
+    # (a block freed into the cache within the pass counts as still allocated: the peak can only come out higher).
+    fbkernels.empty_cpu_cache()
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
         del result  # freeing the outputs inside the window keeps the event stream balanced; the peak is unaffected
@@ -321,18 +359,62 @@ def header(device: torch.device, script: str, argv: list[str]) -> dict:
     }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def finite_non_negative(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def run_argument_parser(doc: str) -> argparse.ArgumentParser:
     """A benchmark script's parser, described by the first paragraph of its docstring `doc`, with the options every
-    benchmark script shares: device, threads, output directory, plot and progress switches."""
+    benchmark script shares: device, threads, output directory, plot and progress switches. After parsing, call
+    check_run_args (it resolves --device and prepares --out)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the run (default: torch's default; recorded in the JSON)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result directory (default runs/bench, outside the committed results)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="result directory, created if missing (default runs/bench, outside the committed results)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def check_run_args(parser: argparse.ArgumentParser, args, argv) -> None:
+    """Validate the shared options before anything is measured (parser.error on a bad one): args.device becomes
+    the resolved torch.device, args.out an existing writable directory; args.argv keeps the arguments given."""
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out: expected a directory, got {str(out)!r}, an existing file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out: expected a directory that can be created, got {str(out)!r} ({error.strerror})")
+    if not os.access(out, os.W_OK | os.X_OK):
+        parser.error(f"--out: expected a writable directory, got {str(out)!r}, not writable")
+    args.out = out
+    args.argv = list(sys.argv[1:] if argv is None else argv)
 
 
 def run_and_write(args, script: str, run, report, plot) -> dict:
@@ -342,8 +424,8 @@ def run_and_write(args, script: str, run, report, plot) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     payload = run(args)
-    device = torch.device(args.device or default_device())
-    path = write_json(payload, result_path(args.out, script, device, smoke=args.smoke))
+    path = write_json(payload, result_path(args.out, script, args.device, dtype=payload["dtype"],
+                                           partial=payload.get("partial", False), smoke=args.smoke))
     report(payload)
     if not args.no_plot:
         plot(payload, path.with_suffix(".png"))
@@ -353,10 +435,16 @@ def run_and_write(args, script: str, run, report, plot) -> dict:
     return payload
 
 
-def result_path(out_dir: Path, script: str, device: torch.device, *, smoke: bool = False) -> Path:
-    """<out>/<script>_<device slug>[_smoke].json: one file per script and device (a rerun replaces it). Smoke runs
-    get their own name so that they never replace a real run's figures."""
-    return Path(out_dir) / f"{script}_{slug(device_name(device))}{'_smoke' if smoke else ''}.json"
+def result_path(out_dir: Path, script: str, device: torch.device | str, *, dtype: str = "float32",
+                partial: bool = False, smoke: bool = False) -> Path:
+    """<out>/<script>_<device slug>[_<dtype>][_partial][_smoke].json: one file per script, device and dtype (a
+    rerun replaces it; `device` is a torch.device or its name as device_name gives it). float32 gets no suffix;
+    a run that leaves out part of the default run (a provider, a model, a T) is "_partial", and smoke runs are
+    "_smoke", so that neither ever replaces a complete run's figures."""
+    name = device_name(device) if isinstance(device, torch.device) else device
+    suffix = ("" if dtype == "float32" else f"_{slug(dtype)}") + ("_partial" if partial else "") + (
+        "_smoke" if smoke else "")
+    return Path(out_dir) / f"{script}_{slug(name)}{suffix}.json"
 
 
 def write_json(payload: dict, path: Path) -> Path:
@@ -448,21 +536,33 @@ def save_figure(fig, path: Path, payload: dict) -> Path:
 
 # ---------------------------------------------------------------- README table
 
-def _latest(out_dir: Path, script: str) -> dict[str, dict]:
-    """Newest result JSON of ``script`` per device in ``out_dir`` (by the date recorded inside)."""
-    latest: dict[str, dict] = {}
+def _latest(out_dir: Path, script: str) -> dict[tuple[str, str], dict]:
+    """Newest complete result JSON of ``script`` per (device, dtype) in ``out_dir`` (by the date recorded inside);
+    smoke and partial runs are left out."""
+    latest: dict[tuple[str, str], dict] = {}
     for name in glob.glob(str(Path(out_dir) / f"{script}_*.json")):
         try:
             with open(name) as handle:
                 payload = json.load(handle)
         except (OSError, ValueError):
             continue
-        if payload.get("smoke"):
-            continue  # figures of a smoke run mean nothing
-        key = payload.get("device", "?")
+        if payload.get("smoke") or payload.get("partial"):
+            continue  # figures of a smoke run mean nothing; a partial run does not hold the whole table
+        key = (payload.get("device", "?"), payload.get("dtype", "float32"))
         if key not in latest or payload.get("date", "") > latest[key].get("date", ""):
             latest[key] = payload
     return latest
+
+
+def _training_path_and_provider(payload: dict, h: dict) -> tuple[str, str]:
+    """(path, fbkernels provider) of a train_step headline entry. Results written before the headline had a "path"
+    held the path under "provider"; their provider is looked up in the results."""
+    if "path" in h:
+        return h["path"], h["provider"]
+    ops = {"FeedbackUNet": "feedback_unet_train_step", "CBLCNN": "cbl_cnn_train_step"}
+    found = next((r for r in payload.get("results", []) if r.get("op") == ops.get(h["model"])
+                  and r.get("path") == h["provider"] and r.get("steps") == h["steps"]), None)
+    return h["provider"], "-" if found is None else found.get("provider", "-")
 
 
 def _headline_section(payload: dict, title: str, columns: list[str], row) -> list[str]:
@@ -479,33 +579,37 @@ def _headline_section(payload: dict, title: str, columns: list[str], row) -> lis
 
 
 def update_readme_table(out_dir: Path) -> Path:
-    """Rewrite <out_dir>/README_table.md from the newest step_throughput and train_step JSON of each device."""
+    """Rewrite <out_dir>/README_table.md from the newest step_throughput and train_step JSON of each device and
+    dtype (smoke and partial runs left out)."""
     sections = [f"<!-- generated by bench/_common.py from the newest result JSON in {Path(out_dir).name}/; "
                 "do not edit by hand -->"]
     throughput = _latest(out_dir, "step_throughput")
     training = _latest(out_dir, "train_step")
-    for device in sorted(set(throughput) | set(training)):
-        if device in throughput:
-            payload = throughput[device]
+    for device, dtype in sorted(set(throughput) | set(training)):
+        named = device if dtype == "float32" else f"{device}, {dtype}"
+        if (device, dtype) in throughput:
+            payload = throughput[device, dtype]
             sections += _headline_section(
                 payload,
-                f"**feedback_step on {device}** (torch {payload['torch']}, {payload['date'][:10]}, "
+                f"**feedback_step on {named}** (torch {payload['torch']}, {payload['date'][:10]}, "
                 f"peak copy bandwidth {payload['peak_gbps']:.1f} GB/s; `python bench/step_throughput.py`)\n",
                 ["shape [B,d,H,W], k=2", "dtype", "provider", "fwd ms", "fwd_bwd ms", "fwd_bwd GB/s",
                  "fwd_bwd peak MiB", "speed-up vs eager (fwd / fwd_bwd)"],
                 lambda h: [h["shape"], h["dtype"], h["provider"], h["fwd_ms"], h["fwd_bwd_ms"], h["fwd_bwd_gbps"],
                            h["fwd_bwd_peak_mem_mib"],
-                           "-" if h["fwd_speedup"] is None
+                           "MISMATCH with eager, timing not comparable" if h.get("matches_eager") is False
+                           else "-" if h["fwd_speedup"] is None or h["fwd_bwd_speedup"] is None
                            else f"{h['fwd_speedup']:.2f}x / {h['fwd_bwd_speedup']:.2f}x"],
             )
-        if device in training:
-            payload = training[device]
+        if (device, dtype) in training:
+            payload = training[device, dtype]
             sections += _headline_section(
                 payload,
-                f"\n**Training step on {device}** (torch {payload['torch']}, {payload['date'][:10]}; "
+                f"\n**Training step on {named}** (torch {payload['torch']}, {payload['date'][:10]}; "
                 f"`python bench/train_step.py`)\n",
-                ["model", "input [B,C,H,W]", "steps T", "ops", "bptt", "step ms", "peak MiB"],
-                lambda h: [h["model"], h["shape"], h["steps"], h["provider"], h["bptt"], h["ms"], h["peak_mem_mib"]],
+                ["model", "input [B,C,H,W]", "steps T", "path", "provider", "bptt", "step ms", "peak MiB"],
+                lambda h, payload=payload: [h["model"], h["shape"], h["steps"], *_training_path_and_provider(payload, h),
+                                            h["bptt"], h["ms"], h["peak_mem_mib"]],
             )
         sections.append("")
     path = Path(out_dir) / "README_table.md"

@@ -28,10 +28,12 @@ Achieved bandwidth = minimal bytes moved / median time, with itemsize s, N = H*W
                          fwd + (3*B*C*N + 2*B*C) * s
 frac_peak = achieved / peak, the peak being the fastest of several large same-device copies in the same run.
 Timing, memory and bandwidth methods: see bench/_common.py (also recorded in the JSON).
-Before timing, each provider's result is compared with eager's ("matches_eager" in the JSON).
+Before timing, each provider's result is compared with eager's ("matches_eager" in the JSON); a provider that
+differs gets "MISMATCH" in the verdict instead of its figures, and the script then exits with status 1.
 
-Outputs: a markdown table and the verdict on stdout; <out>/step_throughput_<device>.json (--out, default
-runs/bench/, outside the committed results) of the form
+Outputs: a markdown table and the verdict on stdout; <out>/step_throughput_<device>[_<dtype>][_partial][_smoke].json
+(--out, default runs/bench/, outside the committed results; the dtype only when not float32, "_partial" when
+--providers leaves out a provider the default run has) of the form
 {"device", "torch", "peak_gbps", "results": [{"op", "provider", "dtype", "shape", "pass", "ms", "gbps",
 "frac_peak", "peak_mem_mib", ...}], "headline": [...], ...}; a PNG plot next to it; <out>/README_table.md.
 """
@@ -183,8 +185,12 @@ def outputs_match(result, reference, dtype: torch.dtype) -> bool:
     )
 
 
-def select_providers(requested: list[str] | None, device: torch.device) -> tuple[list[str], list[str]]:
-    """(providers to run, notes on the ones left out)."""
+FUSED = ("cpp", "cuda", "triton")
+
+
+def select_providers(requested: list[str] | None, device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> tuple[list[str], list[str]]:
+    """(providers to run, notes on the ones left out: not available on the device, or not for the dtype)."""
     available = fbkernels.available_backends(device)
     notes = []
     if requested is None:
@@ -196,33 +202,39 @@ def select_providers(requested: list[str] | None, device: torch.device) -> tuple
         candidates = requested
     chosen = []
     for name in candidates:
-        if name == "compile" or name in available:
-            chosen.append(name)
-        elif requested is not None or name != "triton" or device.type != "cpu":
-            notes.append(f"{name}: not available on {device.type} (available: {', '.join(available)})")
+        if name != "compile" and name not in available:
+            if requested is not None or name != "triton" or device.type != "cpu":
+                notes.append(f"{name}: not available on {device.type} (available: {', '.join(available)})")
+            continue
+        if name in FUSED:
+            try:
+                fbkernels.backends.resolve_backend(name, device, dtype)
+            except (TypeError, ValueError) as error:  # e.g. cpp has no half precision
+                notes.append(f"{name}: cannot run {str(dtype).replace('torch.', '')} on {device.type} ({error})")
+                continue
+        chosen.append(name)
     return chosen, notes
+
+
+def sweep_kind(args, device: torch.device) -> str:
+    if args.smoke:
+        return "smoke"
+    if args.quick is None:
+        return "quick" if device.type == "cpu" else "full"
+    return "quick" if args.quick else "full"
 
 
 # ---------------------------------------------------------------- run
 
 def run(args) -> dict:
-    device = torch.device(args.device or common.default_device())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    """The sweep of parse_args' arguments (device, providers and dtype already checked there)."""
+    device = args.device
+    common.use_device(device)
     dtype = DTYPES[args.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if args.smoke:
-        kind = "smoke"
-    elif args.quick is None:
-        kind = "quick" if device.type == "cpu" else "full"
-    else:
-        kind = "quick" if args.quick else "full"
+    kind = sweep_kind(args, device)
     sweep = make_sweep(kind)
-    requested = None if args.providers is None else [p.strip() for p in args.providers.split(",") if p.strip()]
-    for name in requested or ():
-        if name not in PROVIDERS:
-            raise SystemExit(f"--providers: unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
-    providers, notes = select_providers(requested, device)
+    providers, notes = args.providers, args.provider_notes
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
@@ -263,9 +275,10 @@ def run(args) -> dict:
                       and r["shape"] == row["shape"] and r["pass"] == row["pass"]), None)
         row["speedup_vs_eager"] = common.ratio(eager and eager["ms"], row["ms"])
 
-    payload = common.header(device, "step_throughput", sys.argv[1:])
+    payload = common.header(device, "step_throughput", args.argv)
     payload.update({
-        "sweep": kind, "smoke": kind == "smoke", "dtype": args.dtype, "providers": providers, "peak_gbps": peak_gbps,
+        "sweep": kind, "smoke": kind == "smoke", "dtype": args.dtype, "providers": providers,
+        "partial": args.partial, "default_providers": args.default_providers, "peak_gbps": peak_gbps,
         "peak_copy_bytes": copy_bytes, "bytes_formula": BYTES_FORMULA, "results": rows, "skipped": skipped,
         "notes": notes,
     })
@@ -345,6 +358,7 @@ def headline(rows: list[dict], dtype_name: str) -> list[dict]:
                 "fwd_bwd_speedup": None if eager_bwd is None else eager_bwd["ms"] / bwd["ms"],
                 "fwd_bwd_mem_vs_eager": None if eager_bwd is None or not eager_bwd["peak_mem_mib"]
                 else bwd["peak_mem_mib"] / eager_bwd["peak_mem_mib"],
+                "matches_eager": bool(fwd.get("matches_eager", True) and bwd.get("matches_eager", True)),
             })
     return out
 
@@ -369,10 +383,16 @@ def print_headline(payload: dict) -> None:
     for h in payload["headline"]:
         if h["provider"] == "eager":
             continue
-        mem = h["fwd_bwd_mem_vs_eager"]
-        print(f"headline feedback_step B x d x H x W = {h['shape']}, k = 2, {h['dtype']}: {h['provider']} vs eager: "
-              f"fwd {h['fwd_speedup']:.2f}x, fwd_bwd {h['fwd_bwd_speedup']:.2f}x faster; fwd_bwd peak memory "
-              + ("-" if mem is None else f"{mem:.2f}x eager's"))
+        start = f"headline feedback_step B x d x H x W = {h['shape']}, k = 2, {h['dtype']}: {h['provider']} "
+        if h.get("matches_eager") is False:
+            print(start + "vs eager: MISMATCH with eager's result, timing not comparable")
+        elif h["fwd_speedup"] is None or h["fwd_bwd_speedup"] is None:
+            print(start + f"fwd {h['fwd_ms']:.3g} ms, fwd_bwd {h['fwd_bwd_ms']:.3g} ms (eager not measured: "
+                          "no speed-up; - in the README table)")
+        else:
+            mem = h["fwd_bwd_mem_vs_eager"]
+            print(start + f"vs eager: fwd {h['fwd_speedup']:.2f}x, fwd_bwd {h['fwd_bwd_speedup']:.2f}x faster; "
+                          "fwd_bwd peak memory " + ("-" if mem is None else f"{mem:.2f}x eager's"))
 
 
 def plot(payload: dict, path: Path) -> Path:
@@ -417,7 +437,8 @@ def plot(payload: dict, path: Path) -> Path:
         if bandwidth:
             common.grouped_bars(ax, names, bandwidth, shade)
             ax.axhline(50, color="black", linestyle=":", label="50% (target)")
-            ax.set_ylim(0, 110)
+            tallest = max((v for values in bandwidth.values() for v in values if v is not None), default=0.0)
+            ax.set_ylim(0, max(110.0, 1.1 * tallest))  # shares above 100% (data in cache) stay in view
             ax.legend(fontsize=7, loc="upper left")
         ax.set(ylabel="% of copy bandwidth", title=f"{op}: fused bandwidth\n(copy {payload['peak_gbps']:.1f} GB/s, "
                "best of several large copies)")
@@ -427,6 +448,8 @@ def plot(payload: dict, path: Path) -> Path:
 
 
 def parse_args(argv=None):
+    """The arguments, checked before anything is measured: --device resolved (args.device a torch.device),
+    --providers a list of the providers that can run (args.provider_notes on those left out), args.partial."""
     parser = common.run_argument_parser(__doc__)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="quick", action="store_true", default=None,
@@ -438,8 +461,34 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--providers", default=None,
                         help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all available; "
-                             "triton on CPU only when asked for, under TRITON_INTERPRET=1)")
-    return parser.parse_args(argv)
+                             "triton on CPU only when asked for, under TRITON_INTERPRET=1); those that cannot run "
+                             "on the device or dtype are left out with a note, and the run stops if none can; a run "
+                             "without one of the default providers is written as _partial")
+    args = parser.parse_args(argv)
+    common.check_run_args(parser, args, argv)
+    requested = None
+    if args.providers is not None:
+        requested = [p.strip() for p in args.providers.split(",") if p.strip()]
+        if not requested:
+            parser.error(f"--providers: expected a comma-separated subset of {','.join(PROVIDERS)}, "
+                         f"got {args.providers!r}")
+        unknown = [p for p in requested if p not in PROVIDERS]
+        if unknown:
+            parser.error(f"--providers: expected a comma-separated subset of {','.join(PROVIDERS)}, got unknown "
+                         f"{', '.join(map(repr, unknown))} in {args.providers!r}")
+        repeated = sorted({p for p in requested if requested.count(p) > 1})
+        if repeated:
+            parser.error(f"--providers: expected each provider once, got {', '.join(repeated)} more than once in "
+                         f"{args.providers!r}")
+    dtype = DTYPES[args.dtype]
+    args.providers, args.provider_notes = select_providers(requested, args.device, dtype)
+    if not args.providers:
+        parser.error(f"--providers: expected at least one provider that can run {args.dtype} on "
+                     f"{args.device.type}, got {', '.join(requested or PROVIDERS)}: "
+                     + "; ".join(args.provider_notes))
+    args.default_providers = select_providers(None, args.device, dtype)[0]
+    args.partial = bool(set(args.default_providers) - set(args.providers))
+    return args
 
 
 def _versus(other_ms, fused_ms, name: str) -> str:
@@ -449,9 +498,11 @@ def _versus(other_ms, fused_ms, name: str) -> str:
 
 def verdict(payload: dict) -> list[str]:
     """One line per op, pass and fused provider: against eager and torch.compile at the key shape (feedback_step:
-    the Feedback U-Net state 8x18x128x128; context_gate: the CBL-CNN map where it does worst against
-    torch.compile), peak memory against eager (fwd_bwd), and the fraction of the copy bandwidth at the largest
-    shape measured."""
+    the Feedback U-Net state 8x18x128x128; context_gate: the shape where it does worst against torch.compile when
+    torch.compile was measured, else the largest; its shapes are called CBL-CNN maps only when they are), peak
+    memory against eager (fwd_bwd), and the fraction of the copy bandwidth at the largest shape measured. A
+    provider whose result differs from eager's at any shape of the op and pass gets a MISMATCH line instead of
+    figures; a fused provider asked for but not measured, or none asked for, gets a line saying why."""
     rows = payload["results"]
 
     def find(op, shape, provider, pass_name):
@@ -459,7 +510,7 @@ def verdict(payload: dict) -> list[str]:
                      and r["provider"] == provider and r["pass"] == pass_name), None)
 
     lines = []
-    fused = [p for p in ("cpp", "cuda", "triton") if p in payload["providers"]]
+    fused = [p for p in FUSED if p in payload["providers"]]
     for op in ("feedback_step", "context_gate"):
         cases = [r for r in rows if r["op"] == op and r["provider"] in fused]
         if not cases:
@@ -476,12 +527,26 @@ def verdict(payload: dict) -> list[str]:
                     where = common.shape_str(key)
                 else:
                     def vs_compile(shape):
-                        compiled = find(op, shape, "compile", pass_name)
-                        own = find(op, shape, provider, pass_name)
-                        return math.inf if compiled is None else compiled["ms"] / own["ms"]
+                        return find(op, shape, "compile", pass_name)["ms"] / find(op, shape, provider, pass_name)["ms"]
 
-                    key = min(shapes, key=vs_compile)
-                    where = f"{common.shape_str(key)} (worst of {len(shapes)} CBL-CNN maps against torch.compile)"
+                    maps = "CBL-CNN maps" if all(s in CBL_FEATURE_MAPS for s in shapes) else "shapes"
+                    compared = [s for s in shapes if find(op, s, "compile", pass_name) is not None]
+                    if len(compared) > 1:
+                        key = min(compared, key=vs_compile)
+                        where = (f"{common.shape_str(key)} (worst of {len(compared)} {maps} against "
+                                 "torch.compile)")
+                    elif compared:
+                        key = compared[0]
+                        where = common.shape_str(key)
+                    else:
+                        key = shapes[-1]
+                        where = common.shape_str(key) + ("" if len(shapes) == 1
+                                                         else f" (largest of {len(shapes)} {maps})")
+                mismatched = [s for s in shapes if not find(op, s, provider, pass_name).get("matches_eager", True)]
+                if mismatched:
+                    lines.append(f"{op} {pass_name} at {where}: {provider} MISMATCH with eager's result at "
+                                 f"{', '.join(map(common.shape_str, mismatched))}, timing not comparable")
+                    continue
                 own = find(op, key, provider, pass_name)
                 parts = [f"{op} {pass_name} at {where}: {provider} {own['ms']:.3g} ms"]
                 for other, name in (("eager", "eager"), ("compile", "torch.compile")):
@@ -495,6 +560,17 @@ def verdict(payload: dict) -> list[str]:
                 if big is not None:
                     parts.append(f"{100 * big['frac_peak']:.0f}% of copy bandwidth at {common.shape_str(largest)}")
                 lines.append(parts[0] + ", " + ", ".join(parts[1:]))
+    # Say why when a fused provider has no figures: none asked for or able to run, or every case skipped.
+    if not fused:
+        why = [note for note in payload.get("notes", []) if note.split(":")[0] in FUSED]
+        lines.append(f"no fused provider measured: providers {', '.join(payload['providers'])}"
+                     + (f" ({'; '.join(why)})" if why else f", none of {', '.join(FUSED)} asked for"))
+    for provider in fused:
+        if not any(r["provider"] == provider for r in rows):
+            reasons = sorted({s["reason"] for s in payload.get("skipped", []) if s.get("provider") == provider
+                              or "provider" not in s})
+            lines.append(f"{provider}: not measured at any shape"
+                         + (f" ({'; '.join(reasons)})" if reasons else ""))
     return lines
 
 
@@ -509,10 +585,14 @@ def report(payload) -> None:
 
 
 def main(argv=None) -> int:
+    """0, or 1 when a provider's result differs from eager's (its timings are then not comparable)."""
     payload = common.run_and_write(parse_args(argv), "step_throughput", run, report, plot)
     mismatches = [r for r in payload["results"] if not r["matches_eager"]]
     if mismatches:
-        print(f"WARNING: {len(mismatches)} rows do not match eager's result", file=sys.stderr)
+        names = sorted({r["provider"] for r in mismatches})
+        print(f"error: {len(mismatches)} rows ({', '.join(names)}) do not match eager's result; their timings are "
+              "not comparable", file=sys.stderr)
+        return 1
     return 0
 
 

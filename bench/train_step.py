@@ -33,17 +33,23 @@ StandardCNN (the same backbone, one pass) as its unit.
 Before any timing, every path's parameter gradients of one step are checked against the eager path's
 (max |g - g_eager| <= --grad-tol * max |g_eager| per parameter, 1e-4; the compiled paths --compile-grad-tol,
 2e-2: inductor's gradients differ by up to 7e-3, see _grad_tol); a path that disagrees stops the run.
-Timing: bench/_common.time_fns, the paths of one model and T interleaved call by call, median of the rounds.
+Timing: bench/_common.time_fns, the paths of one model and T interleaved call by call, median of the rounds;
+the number of rounds fills about --budget seconds, clamped to [--repeats, max(--repeats, 30)] (MAX_ROUNDS).
 Peak memory: bench/_common.peak_memory_bytes of one more step (above the level before it: parameters, Adam
 state and inputs excluded). Ratios are only meaningful within one run (the machine may be shared).
 
-Outputs under --out (default runs/bench/, outside the committed files): train_step_<device>[_smoke].json
+Every option is checked before anything runs; with --smoke, options given explicitly win over its tiny defaults.
+
+Outputs under --out (default runs/bench/, outside the committed files):
+train_step_<device>[_<dtype>][_partial][_smoke].json (the dtype only when not float32; "_partial" when the run
+leaves out a model, T or compiled path of the default run)
 ({"device", "torch", "results": [{"op", "path", "provider", "steps", "bptt", "ms", "peak_mem_mib",
 "compile_s", "grad_rel_err", "speedup_vs_reference", "memory_vs_reference", "ms_in_unit", "mem_in_unit", ...}],
 "summary": [sentences], "targets": [...], "fastest": {...}}), a PNG of the same name, a markdown table on stdout.
 """
 from __future__ import annotations
 
+import argparse
 import inspect
 import sys
 import time
@@ -64,6 +70,14 @@ CBL_PATHS = ("reference", "eager", "default", "compile")
 # Documented training paths of fbkernels (candidates for "fastest"); "reference" and "eager" are baselines.
 FBKERNELS_PATHS = ("default", "checkpoint", "compile", "compile_network")
 EQUILIBRIUM_ATOL = 1e-5  # the reference implementation's stopping test
+MAX_ROUNDS = 30  # timed rounds per group at most (unless --repeats asks for more): caps what --budget buys
+# What a run measures by default, normal and smoke: T lists, compiled T lists, sizes, repeats, budget.
+DEFAULTS = {
+    False: {"steps": [5, 10, 20], "cbl_steps": [2, 10], "compile_steps": [5], "compile_network_steps": "all",
+            "cbl_compile_steps": [2], "batch": 1, "repeats": 5, "budget": 10.0},
+    True: {"steps": [2, 3], "cbl_steps": [2], "compile_steps": [], "compile_network_steps": [],
+           "cbl_compile_steps": [], "size": 16, "batch": 1, "cbl_batch": 2, "repeats": 1, "budget": 0.0},
+}
 
 UNET_CONFIG = {"in_channels": 3, "num_classes": 2, "seg_channels": 16, "width": 16, "depth": 3}
 CBL_CONFIG = {"in_channels": 3, "num_classes": 10, "alpha": 0.0, "context_dim": 64, "mode": "state"}
@@ -294,7 +308,7 @@ def measure(steps_by_path: dict, unit: TrainStep, device, args, label: str) -> d
               for path in steps_by_path}
     fns = {**steps_by_path, "unit": unit}
     timings = common.time_fns(fns, device, budget_s=args.budget, min_repeats=args.repeats,
-                              max_repeats=max(args.repeats, 30), warmup_s=0.0, warmup_calls=1)
+                              max_repeats=max(args.repeats, MAX_ROUNDS), warmup_s=0.0, warmup_calls=1)
     out = {}
     for name, fn in fns.items():
         peak = common.peak_memory_bytes(fn.prepared(), device)
@@ -329,33 +343,24 @@ def _schedule(path: str) -> str:
 
 
 def run(args) -> dict:
-    device = torch.device(args.device or common.default_device())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    """The benchmark of parse_args' arguments (all checked and resolved there)."""
+    device = args.device
+    common.use_device(device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    gpu = device.type == "cuda"
-    if args.smoke:
-        size, unet_batch, cbl_batch = 16, 1, 2
-        steps_list, cbl_steps_list = [2, 3], [2]
-        compile_steps = _int_list(args.compile_steps or "none")  # the smoke test may ask for a compiled path
-        network_compile_steps = _int_list(args.compile_network_steps or "none")
-        cbl_compile_steps = _int_list(args.cbl_compile_steps or "none")
-        args.repeats, args.budget = 1, 0.0
-        unet_config, cbl_config = SMOKE_UNET, SMOKE_CBL
-    else:
-        size = args.size or (512 if gpu else 64)
-        unet_batch = args.batch or 1
-        cbl_batch = args.cbl_batch or (128 if gpu else 8)
-        steps_list, cbl_steps_list = _int_list(args.steps), _int_list(args.cbl_steps)
-        compile_steps = _int_list(args.compile_steps or "5")
-        network_compile_steps = _int_list(args.compile_network_steps or ",".join(map(str, steps_list)))
-        cbl_compile_steps = _int_list(args.cbl_compile_steps or "2")
-        unet_config, cbl_config = UNET_CONFIG, CBL_CONFIG
-    models = set(args.models.split(","))
+    size, unet_batch, cbl_batch = args.size, args.batch, args.cbl_batch
+    steps_list, cbl_steps_list = args.steps, args.cbl_steps
+    compile_steps, network_compile_steps = args.compile_steps, args.compile_network_steps
+    cbl_compile_steps = args.cbl_compile_steps
+    unet_config, cbl_config = (SMOKE_UNET, SMOKE_CBL) if args.smoke else (UNET_CONFIG, CBL_CONFIG)
+    models = args.models
     started = time.perf_counter()
-    print(f"{common.device_name(device)}: FeedbackUNet batch {unet_batch} at {size}x{size}, T in {steps_list} "
-          f"(compiled at {compile_steps or 'none'}); CBLCNN batch {cbl_batch}, T in {cbl_steps_list} "
-          f"(compiled at {cbl_compile_steps or 'none'})", file=sys.stderr)
+    described = []
+    if "unet" in models:
+        described.append(f"FeedbackUNet batch {unet_batch} at {size}x{size}, T in {steps_list} (compiled at "
+                         f"{compile_steps or 'none'}, network compiled at {network_compile_steps or 'none'})")
+    if "cbl" in models:
+        described.append(f"CBLCNN batch {cbl_batch}, T in {cbl_steps_list} (compiled at {cbl_compile_steps or 'none'})")
+    print(f"{common.device_name(device)}: " + "; ".join(described), file=sys.stderr)
 
     from tqdm import tqdm
 
@@ -378,7 +383,7 @@ def run(args) -> dict:
                 bptt = "checkpoint" if path == "checkpoint" else "full"
                 rows.append(row("feedback_unet_train_step", path, _provider(path, device, dtype), x.shape, steps, bptt,
                                 _schedule(path), figures[path], dtype))
-            rows.append(row("feedforward_unet_train_step", "feedforward", _provider("default", device, dtype), x.shape,
+            rows.append(row("feedforward_unet_train_step", "feedforward", "-", x.shape,  # no fbkernels op
                             steps, None, "single_pass", figures["unit"], dtype))
             progress.update(1)
     if "cbl" in models:
@@ -400,9 +405,11 @@ def run(args) -> dict:
     progress.close()
     add_ratios(rows)
 
-    payload = common.header(device, "train_step", sys.argv[1:] if args.argv is None else args.argv)
+    payload = common.header(device, "train_step", args.argv)
     payload.update({
-        "dtype": args.dtype, "smoke": bool(args.smoke), "peak_gbps": None, "results": rows,
+        "dtype": args.dtype, "smoke": bool(args.smoke), "partial": args.partial, "models": models,
+        "steps": steps_list, "cbl_steps": cbl_steps_list, "peak_gbps": None, "results": rows,
+        "repeats": args.repeats, "max_rounds": max(args.repeats, MAX_ROUNDS), "budget_s": args.budget,
         "paths": {"reference": "per-step backward with retain_graph (the reference implementation's schedule), "
                                "plain-autograd state update, eager ops",
                   "eager": "backend='eager', summed loss, one backward",
@@ -413,7 +420,8 @@ def run(args) -> dict:
                                      "dynamic=False) (the loop and the fused state update stay eager), summed loss, "
                                      "one backward",
                   "feedforward": "the unit: FeedforwardUNet (or StandardCNN for CBLCNN) training step"},
-        "grad_tol": args.grad_tol, "compile_grad_tol": args.compile_grad_tol, "compile_steps": compile_steps, "compile_network_steps": network_compile_steps,
+        "grad_tol": args.grad_tol, "compile_grad_tol": args.compile_grad_tol, "compile_steps": compile_steps,
+        "compile_network_steps": network_compile_steps,
         "cbl_compile_steps": cbl_compile_steps,
         "unet_config": {**unet_config, "batch": unet_batch, "size": size},
         "cbl_config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in cbl_config.items()},
@@ -432,7 +440,19 @@ def run(args) -> dict:
 
 
 def _int_list(text: str) -> list[int]:
-    return [] if text.strip().lower() in ("", "none") else [int(t) for t in text.split(",") if t.strip()]
+    """argparse type of a T list: comma-separated positive integers, each once; "" or "none" is the empty list."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    items = [t.strip() for t in text.split(",")]
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (or none), got {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected each T once, got {text!r}")
+    return values
 
 
 # ---------------------------------------------------------------- ratios and summary
@@ -518,7 +538,7 @@ def targets(rows: list[dict]) -> list[dict]:
 def headline(rows: list[dict]) -> list[dict]:
     """Rows of the README table (bench/_common.update_readme_table): FeedbackUNet and CBLCNN, every path."""
     return [{"model": "FeedbackUNet" if r["op"] == "feedback_unet_train_step" else "CBLCNN",
-             "shape": common.shape_str(r["shape"]), "steps": r["steps"], "provider": r["path"],
+             "shape": common.shape_str(r["shape"]), "steps": r["steps"], "path": r["path"], "provider": r["provider"],
              "bptt": r["bptt"] or "-", "ms": r["ms"], "peak_mem_mib": r["peak_mem_mib"],
              "speedup_vs_reference": r["speedup_vs_reference"], "memory_vs_reference": r["memory_vs_reference"]}
             for r in rows if r["op"] in UNIT_OP]
@@ -601,49 +621,113 @@ def plot(payload: dict, path: Path) -> Path:
 # ---------------------------------------------------------------- command line
 
 def parse_args(argv=None):
+    """The arguments, all checked and resolved before anything runs: args.device a torch.device, the T lists,
+    sizes, repeats and budget filled in from the (smoke) defaults where not given, args.partial."""
     parser = common.run_argument_parser(__doc__)
     parser.set_defaults(out=DEFAULT_OUT)
+    positive = common.positive_int
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--models", default="unet,cbl", help="comma-separated: unet, cbl (default both)")
-    parser.add_argument("--steps", default="5,10,20", help="FeedbackUNet step counts T (default 5,10,20)")
-    parser.add_argument("--compile-steps", default=None,
-                        help="the T at which FeedbackUNet is also compiled (default 5; 'none' to skip; each costs "
-                             "minutes of compilation on a CPU; --smoke: none)")
-    parser.add_argument("--compile-network-steps", default=None,
-                        help="the T at which FeedbackUNet runs with torch.compile(model.network) (default: every T "
-                             "of --steps; 'none' to skip; --smoke: none)")
-    parser.add_argument("--cbl-steps", default="2,10", help="CBLCNN refinement counts T (default 2,10)")
-    parser.add_argument("--cbl-compile-steps", default=None,
-                        help="the T at which CBLCNN is compiled (default 2; --smoke: none)")
-    parser.add_argument("--size", type=int, default=None, help="U-Net image side (default 512 on GPU, 64 on CPU)")
-    parser.add_argument("--batch", type=int, default=None, help="U-Net batch (default 1, the paper's)")
-    parser.add_argument("--cbl-batch", type=int, default=None, help="CBL-CNN batch (default 128 on GPU, 8 on CPU)")
-    parser.add_argument("--repeats", type=int, default=5, help="minimum timed steps per path (default 5)")
-    parser.add_argument("--budget", type=float, default=10.0,
-                        help="seconds of timed steps per compared group, beyond the minimum repeats (default 10)")
-    parser.add_argument("--grad-tol", type=float, default=1e-4,
+    parser.add_argument("--steps", type=_int_list, default=None,
+                        help="FeedbackUNet step counts T, positive (default 5,10,20; --smoke 2,3)")
+    parser.add_argument("--compile-steps", type=_int_list, default=None,
+                        help="the T of --steps at which FeedbackUNet is also compiled (default 5 when in --steps; "
+                             "'none' or '' to skip; each costs minutes of compilation on a CPU; --smoke: none)")
+    parser.add_argument("--compile-network-steps", type=_int_list, default=None,
+                        help="the T of --steps at which FeedbackUNet runs with torch.compile(model.network) "
+                             "(default: every T of --steps; 'none' or '' to skip; --smoke: none)")
+    parser.add_argument("--cbl-steps", type=_int_list, default=None,
+                        help="CBLCNN refinement counts T, positive (default 2,10; --smoke 2)")
+    parser.add_argument("--cbl-compile-steps", type=_int_list, default=None,
+                        help="the T of --cbl-steps at which CBLCNN is compiled (default 2 when in --cbl-steps; "
+                             "'none' or '' to skip; --smoke: none)")
+    parser.add_argument("--size", type=positive, default=None,
+                        help="U-Net image side (default 512 on GPU, 64 on CPU; --smoke 16)")
+    parser.add_argument("--batch", type=positive, default=None, help="U-Net batch (default 1, the paper's)")
+    parser.add_argument("--cbl-batch", type=positive, default=None,
+                        help="CBL-CNN batch (default 128 on GPU, 8 on CPU; --smoke 2)")
+    parser.add_argument("--repeats", type=positive, default=None,
+                        help="minimum timed rounds per compared group, >= 1 (one round: one step of every path and "
+                             "of the unit; default 5, --smoke 1)")
+    parser.add_argument("--budget", type=common.finite_non_negative, default=None,
+                        help="seconds of timed rounds per compared group, roughly: the number of rounds is "
+                             "this budget over the warm-up step's time, clamped to at least --repeats and at most "
+                             f"max(--repeats, {MAX_ROUNDS}), so a large budget buys no more than {MAX_ROUNDS} rounds "
+                             "(default 10, --smoke 0; recorded in the JSON with the rounds' bounds)")
+    parser.add_argument("--grad-tol", type=common.finite_non_negative, default=1e-4,
                         help="largest allowed max|g - g_eager| / max|g_eager| per parameter (default 1e-4)")
-    parser.add_argument("--compile-grad-tol", type=float, default=2e-2,
+    parser.add_argument("--compile-grad-tol", type=common.finite_non_negative, default=2e-2,
                         help="the same for the compiled paths (default 2e-2; see _grad_tol for why it is looser)")
     parser.add_argument("--fresh-compile-cache", action="store_true",
                         help="compile into a new, empty inductor cache directory (TORCHINDUCTOR_CACHE_DIR): the "
                              "compile time a first-time user sees; without it a warm cache can hide code generation")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny models, T in 2,3 (CBL 2), one repeat, no compile: checks that the script runs")
+                        help="tiny models, T in 2,3 (CBL 2), one repeat, no compile, unless other options say "
+                             "otherwise: checks that the script runs")
     args = parser.parse_args(argv)
-    args.argv = argv
-    unknown = set(args.models.split(",")) - {"unet", "cbl"}
-    if unknown:
-        parser.error(f"--models: unknown {', '.join(sorted(unknown))}; choose from unet, cbl")
+    common.check_run_args(parser, args, argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = set(models) - {"unet", "cbl"}
+    if unknown or not models:
+        parser.error(f"--models: expected a comma-separated subset of unet, cbl, got {args.models!r}")
+    if len(set(models)) != len(models):
+        parser.error(f"--models: expected each model once, got {args.models!r}")
+    args.models = models
+    # Options that only one model reads may not be given when that model does not run.
+    for model, options in (("unet", ("steps", "compile_steps", "compile_network_steps", "size", "batch")),
+                           ("cbl", ("cbl_steps", "cbl_compile_steps", "cbl_batch"))):
+        given = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name) not in (None, [])]
+        if model not in models and given:
+            parser.error(f"{given[0]}: expected only with {model} in --models, got --models {','.join(models)}")
+    defaults = DEFAULTS[bool(args.smoke)]
+    gpu = args.device.type == "cuda"
+    defaults = {**defaults, "size": defaults.get("size", 512 if gpu else 64),
+                "cbl_batch": defaults.get("cbl_batch", 128 if gpu else 8)}
+    for name in ("steps", "cbl_steps", "size", "batch", "cbl_batch", "repeats", "budget"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    for name in ("steps", "cbl_steps"):
+        if not getattr(args, name):
+            parser.error(f"--{name.replace('_', '-')}: expected at least one T, got none")
+    depth = (SMOKE_UNET if args.smoke else UNET_CONFIG)["depth"]
+    if args.size < 2 ** depth:
+        parser.error(f"--size: expected at least {2 ** depth} (the U-Net of depth {depth} halves the image "
+                     f"{depth} times), got {args.size}")
+    # The compiled T lists: given ones must be T of their run; defaults keep only the T that run.
+    for name, runs in (("compile_steps", "steps"), ("compile_network_steps", "steps"),
+                       ("cbl_compile_steps", "cbl_steps")):
+        measured = getattr(args, runs)
+        given = getattr(args, name)
+        if given is None:
+            default = defaults[name]
+            setattr(args, name, list(measured) if default == "all" else [t for t in default if t in measured])
+        elif not set(given) <= set(measured):
+            parser.error(f"--{name.replace('_', '-')}: expected T among --{runs.replace('_', '-')} "
+                         f"{','.join(map(str, measured))}, got {','.join(map(str, given))}")
+    args.partial = not _groups(DEFAULTS[bool(args.smoke)], ["unet", "cbl"]) <= _groups(vars(args), models)
     return args
 
 
+def _groups(settings: dict, models) -> set:
+    """(model, T, path) of every group a run with these T lists measures; path "" stands for the paths that run at
+    every T (reference, eager, default and, for FeedbackUNet, checkpoint)."""
+    groups = set()
+    if "unet" in models:
+        network = settings["steps"] if settings["compile_network_steps"] == "all" else settings["compile_network_steps"]
+        groups |= {("unet", t, "") for t in settings["steps"]}
+        groups |= {("unet", t, "compile") for t in settings["compile_steps"]}
+        groups |= {("unet", t, "compile_network") for t in network}
+    if "cbl" in models:
+        groups |= {("cbl", t, "") for t in settings["cbl_steps"]}
+        groups |= {("cbl", t, "compile") for t in settings["cbl_compile_steps"]}
+    return groups
+
+
 def write_outputs(args, payload: dict) -> Path:
-    """<out>/train_step_<device>[_smoke].json (named for what it holds; a rerun replaces it), the PNG beside it,
-    the README table of the results directory; the report on stdout."""
-    device = torch.device(args.device or common.default_device())
-    name = f"train_step_{common.slug(common.device_name(device))}{'_smoke' if args.smoke else ''}.json"
-    path = common.write_json(payload, Path(args.out) / name)
+    """<out>/train_step_<device>[_<dtype>][_partial][_smoke].json (named for what it holds; a rerun replaces it),
+    the PNG beside it, the README table of the results directory; the report on stdout."""
+    path = common.write_json(payload, common.result_path(args.out, "train_step", args.device, dtype=args.dtype,
+                                                         partial=args.partial, smoke=args.smoke))
     print_report(payload)
     if not args.no_plot:
         plot(payload, path.with_suffix(".png"))
@@ -675,6 +759,7 @@ def main(argv=None) -> int:
                 os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
             else:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+    payload["inductor_cache_dir_removed"] = True  # the fresh cache went with the run
     write_outputs(args, payload)
     return 0
 

@@ -117,7 +117,7 @@ def test_fresh_compile_cache_is_removed_and_the_callers_setting_restored(bench, 
     monkeypatch.setattr(bench, "run", run)
     monkeypatch.setattr(bench, "write_outputs", lambda args, payload: seen.setdefault("payload", payload))
     assert bench.main(["--smoke", "--fresh-compile-cache", "--out", str(tmp_path / "out")]) == 0
-    assert seen["payload"] == {"results": []}
+    assert seen["payload"] == {"results": [], "inductor_cache_dir_removed": True}
     assert not seen["cache"].exists()
     assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == callers_setting
 
@@ -151,6 +151,8 @@ def test_train_step_smoke(tmp_path):
     for row in rows:
         if row["path"] not in ("feedforward",):
             assert row["grad_rel_err"] <= payload["grad_tol"]
+        else:
+            assert row["provider"] == "-"  # the units run no fbkernels op
         if row["path"] == "reference":
             assert row["speedup_vs_reference"] == 1.0 and row["schedule"] == "per_step_backward"
     assert len(payload["summary"]) == 3 and all("reference schedule" in line for line in payload["summary"])
@@ -192,3 +194,156 @@ def test_reference_reports_the_authors_equilibrium_step(bench):
                                                                            stop_at_equilibrium=True))
     with pytest.raises(AssertionError):
         bench.assert_equal_gradients(grads, stopped.gradients(), 1e-4, "stopped")
+
+
+# ---------------------------------------------------------------- command line (fast, in-process)
+
+def _parse_error(bench, argv, capsys) -> str:
+    """The message of the parser error that `argv` gives (SystemExit 2, before anything runs)."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"], "--device: expected cpu, cuda or cuda:N with CUDA available, got 'cuda': CUDA is not "
+                           "available"),
+    (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    (["--threads", "0"], "--threads: expected a positive integer, got '0'"),
+    (["--size", "0"], "--size: expected a positive integer, got '0'"),
+    (["--size", "-3"], "--size: expected a positive integer, got '-3'"),
+    (["--size", "4"], "--size: expected at least 8"),
+    (["--batch", "0"], "--batch: expected a positive integer, got '0'"),
+    (["--cbl-batch", "0"], "--cbl-batch: expected a positive integer, got '0'"),
+    (["--repeats", "0"], "--repeats: expected a positive integer, got '0'"),
+    (["--repeats", "-1"], "--repeats: expected a positive integer, got '-1'"),
+    (["--budget", "nan"], "--budget: expected a finite number >= 0, got 'nan'"),
+    (["--budget", "-1"], "--budget: expected a finite number >= 0, got '-1'"),
+    (["--grad-tol", "nan"], "--grad-tol: expected a finite number >= 0, got 'nan'"),
+    (["--grad-tol=-1e-4"], "--grad-tol: expected a finite number >= 0, got '-1e-4'"),
+    (["--compile-grad-tol", "inf"], "--compile-grad-tol: expected a finite number >= 0, got 'inf'"),
+    (["--steps", "0"], "--steps: expected comma-separated positive integers (or none), got '0'"),
+    (["--steps", "abc"], "--steps: expected comma-separated positive integers (or none), got 'abc'"),
+    (["--steps", "5,,10"], "--steps: expected comma-separated positive integers (or none), got '5,,10'"),
+    (["--steps", "none"], "--steps: expected at least one T, got none"),
+    (["--steps", "5,5"], "--steps: expected each T once, got '5,5'"),
+    (["--cbl-steps", "0"], "--cbl-steps: expected comma-separated positive integers (or none), got '0'"),
+    (["--steps", "5,10", "--compile-steps", "20"], "--compile-steps: expected T among --steps 5,10, got 20"),
+    (["--compile-network-steps", "7"], "--compile-network-steps: expected T among --steps 5,10,20, got 7"),
+    (["--cbl-compile-steps", "3"], "--cbl-compile-steps: expected T among --cbl-steps 2,10, got 3"),
+    (["--smoke", "--compile-steps", "5"], "--compile-steps: expected T among --steps 2,3, got 5"),
+    (["--models", ""], "--models: expected a comma-separated subset of unet, cbl, got ''"),
+    (["--models", "unet,unet"], "--models: expected each model once"),
+    (["--models", "cbl", "--steps", "5"], "--steps: expected only with unet in --models, got --models cbl"),
+    (["--models", "unet", "--cbl-batch", "4"], "--cbl-batch: expected only with cbl in --models, got --models unet"),
+])
+def test_parser_errors(bench, capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    error = _parse_error(bench, ["--device", "cpu", "--out", str(tmp_path), *argv], capsys)
+    assert message in error, error
+
+
+def test_out_must_be_a_writable_directory(bench, capsys, tmp_path):
+    existing_file = tmp_path / "file"
+    existing_file.write_text("")
+    error = _parse_error(bench, ["--device", "cpu", "--out", str(existing_file)], capsys)
+    assert f"--out: expected a directory, got '{existing_file}', an existing file" in error
+
+
+def test_smoke_defaults_yield_to_explicit_options(bench, tmp_path):
+    def parse(*argv):
+        return bench.parse_args(["--device", "cpu", "--out", str(tmp_path), *argv])
+
+    smoke = parse("--smoke")
+    assert (smoke.steps, smoke.cbl_steps, smoke.size, smoke.batch, smoke.cbl_batch, smoke.repeats, smoke.budget) == \
+        ([2, 3], [2], 16, 1, 2, 1, 0.0)
+    assert (smoke.compile_steps, smoke.compile_network_steps, smoke.cbl_compile_steps) == ([], [], [])
+    given = parse("--smoke", "--steps", "4", "--cbl-steps", "3", "--size", "32", "--batch", "2", "--cbl-batch", "3",
+                  "--repeats", "2", "--budget", "0.5", "--compile-steps", "4", "--cbl-compile-steps", "3")
+    assert (given.steps, given.cbl_steps, given.size, given.batch, given.cbl_batch, given.repeats, given.budget) == \
+        ([4], [3], 32, 2, 3, 2, 0.5)
+    assert (given.compile_steps, given.compile_network_steps, given.cbl_compile_steps) == ([4], [], [3])
+    default = parse()
+    assert (default.steps, default.cbl_steps, default.size, default.batch, default.cbl_batch, default.repeats,
+            default.budget) == ([5, 10, 20], [2, 10], 64, 1, 8, 5, 10.0)
+    assert (default.compile_steps, default.compile_network_steps, default.cbl_compile_steps) == ([5], [5, 10, 20], [2])
+    assert default.partial is False and smoke.partial is False
+
+
+def test_compile_step_lists(bench, tmp_path):
+    """Default compiled T are those of the run; an empty list means none (it used to mean the default)."""
+    def parse(*argv):
+        return bench.parse_args(["--device", "cpu", "--out", str(tmp_path), *argv])
+
+    assert parse("--steps", "10,20", "--cbl-steps", "10").compile_steps == []
+    assert parse("--steps", "10,20", "--cbl-steps", "10").cbl_compile_steps == []
+    assert parse("--compile-steps", "").compile_steps == []
+    assert parse("--compile-steps", "none").compile_steps == []
+    assert parse("--compile-steps", "10,20").compile_steps == [10, 20]
+
+
+def test_partial_runs_are_marked(bench, tmp_path):
+    def parse(*argv):
+        return bench.parse_args(["--device", "cpu", "--out", str(tmp_path), *argv])
+
+    assert parse("--models", "cbl,unet").partial is False
+    assert parse("--steps", "5,10,20,40").partial is False  # more than the default run
+    for argv in (["--models", "unet"], ["--steps", "5,10"], ["--cbl-steps", "2"], ["--compile-steps", "none"],
+                 ["--compile-network-steps", "5"], ["--cbl-compile-steps", ""]):
+        assert parse(*argv).partial is True, argv
+    assert parse("--smoke", "--models", "unet").partial is True
+
+
+def test_budget_help_says_what_it_buys(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"at most max(--repeats, {bench.MAX_ROUNDS})" in text
+    assert "beyond the minimum repeats" not in text
+
+
+def test_run_uses_the_options_given_and_records_them(bench, tmp_path, capsys):
+    """A tiny in-process run: explicit options win over --smoke's, the JSON records repeats and budget and is
+    named as a partial run (no FeedbackUNet), the first line describes only the model run, the README table names
+    each row's path and provider."""
+    argv = ["--smoke", "--device", "cpu", "--models", "cbl", "--cbl-steps", "1", "--cbl-batch", "1", "--repeats", "2",
+            "--budget", "0.01", "--out", str(tmp_path), "--no-plot", "--no-progress"]
+    assert bench.main(argv) == 0
+    err = capsys.readouterr().err
+    first = err.splitlines()[0]
+    assert "CBLCNN batch 1, T in [1]" in first and "FeedbackUNet" not in first
+    [path] = tmp_path.glob("train_step_*.json")
+    assert path.name.endswith("_partial_smoke.json")
+    payload = json.loads(path.read_text())
+    assert payload["argv"] == argv
+    assert (payload["repeats"], payload["budget_s"], payload["max_rounds"]) == (2, 0.01, bench.MAX_ROUNDS)
+    assert {r["steps"] for r in payload["results"]} == {1} and all(r["repeats"] >= 2 for r in payload["results"])
+    assert {r["shape"][0] for r in payload["results"]} == {1}
+    assert all(r["provider"] == "-" for r in payload["results"] if r["path"] == "feedforward")
+    assert all(h["path"] != h["provider"] or h["path"] == "eager" for h in payload["headline"])
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common as common
+    finally:
+        sys.path.remove(str(BENCH))
+    common.write_json({**payload, "smoke": False, "partial": False}, tmp_path / "train_step_x.json")
+    table = common.update_readme_table(tmp_path).read_text()
+    assert "| model | input [B,C,H,W] | steps T | path | provider | bptt | step ms | peak MiB |" in table
+    default = next(r for r in payload["results"] if r["path"] == "default")
+    assert f"| CBLCNN | 1x3x32x32 | 1 | default | {default['provider']} | - |" in table
+
+
+def test_readme_table_of_the_committed_training_run_names_paths_and_providers(tmp_path):
+    """The committed train_step JSON predates the headline's "path": its table still gets the real providers."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common as common
+    finally:
+        sys.path.remove(str(BENCH))
+    committed = REPO / "bench" / "results" / "train_step_amd-epyc-2-threads.json"
+    (tmp_path / committed.name).write_text(committed.read_text())
+    table = common.update_readme_table(tmp_path).read_text()
+    assert "| steps T | path | provider | bptt |" in table and "| ops |" not in table
+    assert "| FeedbackUNet | 1x3x64x64 | 5 | reference | eager | full |" in table
+    assert "| FeedbackUNet | 1x3x64x64 | 5 | default | cpp | full |" in table
