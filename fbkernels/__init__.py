@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "available_backends", "context_gate", "decay_matrix", "empty_cpu_cache", "feedback_step",
            "models", "data"]
 
+
 def empty_cpu_cache() -> None:
     """Free the large CPU blocks (>= 32 MiB) that the cpp backend keeps to reuse for its outputs once nothing
     references them (at most 4; ``FBKERNELS_CPU_OUTPUT_CACHE=0`` turns the cache off). Blocks still in use stay."""
