@@ -5,7 +5,9 @@ overrides that choice); an explicit backend that cannot run gets an error naming
 Availability is probed on first use, once per (backend, device, interpreter mode), never at import: importing
 fbkernels must not initialise CUDA (a process that forks after importing would break its children). Every op call
 resolves its backend, so the result is memoised per (requested name, device, dtype) next to the probe results;
-the environment variable is still read on each call.
+the environment variable is still read on each eager call. torch.compile traces the resolution once and keeps its
+result in the graph (the variable is not guarded): a compiled function sees a changed FBKERNELS_BACKEND only after
+``torch._dynamo.reset()`` or in a new ``torch.compile``.
 """
 from __future__ import annotations
 

@@ -119,6 +119,36 @@ def test_bad_environment_backend_names_the_variable(monkeypatch):
         fbkernels.context_gate(torch.randn(1, 2, 3), torch.randn(1, 2), 0.5, backend="tpu")
 
 
+@pytest.mark.skipif("cpp" not in fbkernels.available_backends("cpu"), reason="fbkernels._C not built")
+def test_compiled_graph_keeps_the_backend_it_was_traced_with(monkeypatch):
+    """FBKERNELS_BACKEND is read when torch.compile traces a call (docs/design.md, section 3): the graph holds the
+    backend chosen then, and a later change takes effect in eager calls at once, in a compiled function only after
+    torch._dynamo.reset() (or a new torch.compile)."""
+    from fbkernels.backends import host_module
+
+    ran = []
+    for name in ("cpp", "eager"):
+        module = host_module(name)
+        forward = module.feedback_step_forward
+        monkeypatch.setattr(module, "feedback_step_forward",
+                            lambda *args, _run=forward, _name=name: ran.append(_name) or _run(*args))
+    monkeypatch.delenv("FBKERNELS_BACKEND", raising=False)
+    h, f, decay = torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.eye(4)
+    torch._dynamo.reset()
+    step = torch.compile(lambda h, f, decay: fbkernels.feedback_step(h, f, decay, 2)[1], fullgraph=True)
+    step(h, f, decay)
+    assert ran[-1] == "cpp"
+    monkeypatch.setenv("FBKERNELS_BACKEND", "eager")
+    fbkernels.feedback_step(h, f, decay, 2)
+    assert ran[-1] == "eager"
+    step(h, f, decay)
+    assert ran[-1] == "cpp"
+    torch._dynamo.reset()
+    step(h, f, decay)
+    assert ran[-1] == "eager"
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------- cuda: kernel image for the device
 
 DEFAULT_ARCHITECTURES = ["75-real", "80-real", "86-real", "89-real", "90-real", "90-virtual"]

@@ -419,6 +419,126 @@ def test_fused_backends_name_eager_for_forward_mode_derivatives(backend, device)
             fbkernels.context_gate(dual, gate_logits, 0.3, backend=backend)
 
 
+@pytest.mark.parametrize("backend,device", FUSED_BACKEND_DEVICES)
+def test_fused_backends_name_eager_under_torch_func_grad(backend, device):
+    """torch.func.grad, vjp and jacrev cannot run a custom op's autograd: the fused backends say so and name
+    backend='eager', inside or around a vmap too, instead of PyTorch's internal error about setup_context. An op whose
+    inputs the transform does not differentiate still runs."""
+    h, f, decay = (t.detach() for t in _feedback_inputs(2, 4, (3,), F64, device))
+    gate_logits = _randn(2, 4, dtype=F64, device=device)
+
+    def step_loss(decay):
+        return fbkernels.feedback_step(h, f, decay, 2, backend=backend)[1].square().sum()
+
+    def gate(x):
+        return fbkernels.context_gate(x, gate_logits, 0.3, backend=backend)
+
+    transforms = {
+        "grad": lambda: torch.func.grad(step_loss)(decay),
+        "vjp": lambda: torch.func.vjp(gate, h),
+        "jacrev": lambda: torch.func.jacrev(gate)(h),
+        "vmap(grad)": lambda: torch.func.vmap(torch.func.grad(step_loss))(torch.stack([decay, 2 * decay])),
+        "grad(vmap)": lambda: torch.func.grad(lambda x: torch.func.vmap(gate)(x).sum())(torch.stack([h, 2 * h])),
+    }
+    for name, transform in transforms.items():
+        with pytest.raises(RuntimeError, match=rf"backend '{backend}' cannot be differentiated by torch\.func.*"
+                                               r"backend='eager'"):
+            transform()
+            pytest.fail(f"{name} did not raise")
+    out = gate(h)
+    torch.testing.assert_close(torch.func.grad(lambda x: (x * gate(h)).sum())(h), out)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_batched_gradients(backend, device):
+    """torch.autograd.grad(is_grads_batched=True), jacobian(vectorize=True) and gradcheck(check_batched_grad=True)
+    batch the backward with the legacy vmap, whose tensors have no storage: the fast path leaves them to the custom
+    op, and the eager backward uses ops with batching rules."""
+    h, f, decay = _feedback_inputs(2, 4, (3,), F64, device)
+    h_next, v = fbkernels.feedback_step(h, f, decay, 2, backend=backend)
+    cotangents = _randn(3, 2, 2, 3, dtype=F64, device=device)
+    batched = torch.autograd.grad(v, (h, f, decay), cotangents, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        for got, expected in zip(batched, torch.autograd.grad(v, (h, f, decay), cotangents[i], retain_graph=True)):
+            torch.testing.assert_close(got[i], expected)
+    fixed = [t.detach() for t in (h, f)]
+    v_of_decay = lambda m: fbkernels.feedback_step(*fixed, m, 2, backend=backend)[1]  # noqa: E731
+    torch.testing.assert_close(torch.autograd.functional.jacobian(v_of_decay, decay.detach(), vectorize=True),
+                               torch.autograd.functional.jacobian(v_of_decay, decay.detach()))
+    gate_h, gate_logits = _gate_inputs(2, 3, (4,), F64, device)
+    options = _gradcheck_options(backend, device)
+    assert torch.autograd.gradcheck(lambda h, a: fbkernels.context_gate(h, a, 0.3, backend=backend),
+                                    (gate_h, gate_logits), check_batched_grad=True, **options)
+    assert torch.autograd.gradcheck(lambda h, m: fbkernels.feedback_step(h, f.detach(), m, 2, backend=backend),
+                                    (h, decay), check_batched_grad=True, **options)
+
+
+def _bad_op_calls():
+    """(id, op, arguments before the backend, arguments after it, error, the argument the message names) for direct
+    calls of the four custom ops, on float64 tensors made by ``make(shape)``."""
+    fs, fs_backward = "feedback_step", "feedback_step_backward"
+    cg, cg_backward = "context_gate", "context_gate_backward"
+    h, m, v, a = (2, 4, 3), (4, 4), (2, 2, 3), (2, 4)
+    all_grads = [True, True, True]
+    return [
+        ("f_shape", fs, lambda T: (T(h), T((2, 4, 1)), T(m), 2), (), ValueError, "f"),
+        ("f_dtype", fs, lambda T: (T(h), T(h).float(), T(m), 2), (), TypeError, "f"),
+        ("decay_shape", fs, lambda T: (T(h), T(h), T((3, 4)), 2), (), ValueError, "decay"),
+        ("decay_dtype", fs, lambda T: (T(h), T(h), T(m).float(), 2), (), TypeError, "decay"),
+        ("num_feedback", fs, lambda T: (T(h), T(h), T(m), 5), (), ValueError, "num_feedback"),
+        ("no_channels", fs, lambda T: (T((2, 0, 3)), T((2, 0, 3)), T((0, 0)), 1), (), ValueError, "h"),
+        ("gate_shape", cg, lambda T: (T(h), T((1, 1)), 0.0), (), ValueError, "gate_logits"),
+        ("gate_dtype", cg, lambda T: (T(h), T(a).float(), 0.0), (), TypeError, "gate_logits"),
+        ("alpha", cg, lambda T: (T(h), T(a), 1.5), (), ValueError, "alpha"),
+        ("grad_h", fs_backward, lambda T: (T((2, 4, 1)), None, T(h), T(v), T(m), 2), (all_grads,), ValueError,
+         "grad_h"),
+        ("grad_v", fs_backward, lambda T: (None, T((2, 1, 3)), T(h), T(v), T(m), 2), (all_grads,), ValueError,
+         "grad_v"),
+        ("v_shape", fs_backward, lambda T: (T(h), None, T(h), T((2, 3, 3)), T(m), 2), (all_grads,), ValueError, "v"),
+        ("v_dtype", fs_backward, lambda T: (T(h), None, T(h), T(v).float(), T(m), 2), (all_grads,), TypeError, "v"),
+        ("backward_decay", fs_backward, lambda T: (T(h), None, T(h), T(v), T((4, 3)), 2), (all_grads,), ValueError,
+         "decay"),
+        ("needs_grad", fs_backward, lambda T: (T(h), None, T(h), T(v), T(m), 2), ([True],), ValueError, "needs_grad"),
+        ("grad_out", cg_backward, lambda T: (T((2, 4, 1)), T(h), T(a), 0.5), ([True, True],), ValueError, "grad_out"),
+        ("backward_gate", cg_backward, lambda T: (T(h), T(h), T((2, 1)), 0.5), ([True, True],), ValueError,
+         "gate_logits"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_op_calls(), ids=lambda case: case[0])
+@pytest.mark.parametrize("fake", [False, True], ids=["real", "fake"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_custom_ops_check_their_inputs(backend, device, fake, case):
+    """torch.ops.fbkernels.* is public API and the fused host functions read raw pointers: a bad direct call gets the
+    public function's error (naming the argument), not garbage or a crash, and so does its fake (torch.compile)."""
+    _, op, before, after, error, name = case
+    make = lambda shape: torch.ones(shape, dtype=F64, device=device)  # noqa: E731
+    args = (*before(make), backend, *after)
+    if fake:
+        with FakeTensorMode() as mode:
+            args = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args)
+            with pytest.raises(error, match=rf"^{name} must"):
+                getattr(torch.ops.fbkernels, op).default(*args)
+    else:
+        with pytest.raises(error, match=rf"^{name} must"):
+            getattr(torch.ops.fbkernels, op).default(*args)
+
+
+@pytest.mark.skipif("cpp" not in ALL_CPU, reason="fbkernels._C not built")
+def test_custom_ops_check_the_backend_against_the_tensors():
+    """The cpp kernels would reinterpret float16 bits (or read a CUDA pointer): a direct op call checks the backend
+    against the tensors' dtype and device, as the public function's resolution does (meta tensors go to the fake)."""
+    h = torch.zeros(2, 4, 3)
+    with pytest.raises(TypeError, match="backend 'cpp' supports dtypes"):
+        torch.ops.fbkernels.feedback_step(h.half(), h.half(), torch.eye(4).half(), 2, "cpp")
+    with pytest.raises(TypeError, match="backend 'cpp' supports dtypes"):
+        torch.ops.fbkernels.context_gate_backward(h.half(), h.half(), torch.zeros(2, 4).half(), 0.5, "cpp",
+                                                  [True, True])
+    assert torch.ops.fbkernels.context_gate(h.to("meta"), torch.zeros(2, 4, device="meta"), 0.5, "cpp").is_meta
+    with pytest.raises(ValueError, match="backend must be one of"):
+        torch.ops.fbkernels.context_gate(h, torch.zeros(2, 4), 0.5, "tpu")
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_opcheck(backend, device):
     h, f, decay = _feedback_inputs(2, 6, (3, 4), F64, device)
@@ -537,6 +657,53 @@ def test_decay_matrix_checks_tensor_tau_inside_torch_compile():
         compiled(torch.tensor(0.0))
 
 
+def test_decay_matrix_compiles_with_a_changing_int_time():
+    """From the second call on, torch.compile makes an int t that changes symbolic (automatic dynamic); its check is
+    then a guard, not a Python math call Dynamo cannot trace."""
+    basis = torch.linalg.qr(torch.randn(4, 4, dtype=F64))[0]
+    rates = torch.rand(4, dtype=F64) + 0.5
+    torch._dynamo.reset()
+    decay_at = torch.compile(lambda t: fbkernels.decay_matrix(basis, basis.t(), rates, t, 1.5), fullgraph=True)
+    for t in range(4):
+        torch.testing.assert_close(decay_at(t), fbkernels.decay_matrix(basis, basis.t(), rates, t, 1.5))
+    with pytest.raises(RuntimeError, match=r"t must be finite and >= 0, got -1"):
+        decay_at(-1)
+
+
+def test_decay_matrix_compiles_with_dynamic_shapes():
+    """Under dynamic=True d is symbolic: a constant rates of shape [d] is still accepted."""
+    basis = torch.linalg.qr(torch.randn(4, 4, dtype=F64))[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda p: fbkernels.decay_matrix(p, p.t(), torch.ones(4, dtype=F64), 1, 2.0),
+                             fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(basis), fbkernels.decay_matrix(basis, basis.t(), torch.ones(4, dtype=F64),
+                                                                       1, 2.0))
+
+
+def test_decay_matrix_under_vmap_and_on_the_meta_device():
+    """vmap over t or tau (the value of a batched tensor cannot be read to check it) and meta tensors (no value)."""
+    basis = torch.linalg.qr(torch.randn(3, 3, dtype=F64))[0]
+    rates = torch.rand(3, dtype=F64) + 0.5
+    values = torch.tensor([0.0, 0.5, 2.0], dtype=F64)
+    over_t = torch.func.vmap(lambda t: fbkernels.decay_matrix(basis, basis.t(), rates, t, 1.5))(values)
+    over_tau = torch.func.vmap(lambda tau: fbkernels.decay_matrix(basis, basis.t(), rates, 1.0, tau))(values + 1)
+    for i, value in enumerate(values.tolist()):
+        torch.testing.assert_close(over_t[i], fbkernels.decay_matrix(basis, basis.t(), rates, value, 1.5))
+        torch.testing.assert_close(over_tau[i], fbkernels.decay_matrix(basis, basis.t(), rates, 1.0, value + 1))
+    meta = [t.to("meta") for t in (basis, basis.t(), rates, values[1], values[2])]
+    m = fbkernels.decay_matrix(*meta)
+    assert m.is_meta and m.shape == (3, 3)
+
+
+def test_decay_matrix_computes_in_the_basis_dtype_under_autocast():
+    """Under autocast a bfloat16 matmul would round M(0) = P @ P^T away from the identity (errors of 4e-3)."""
+    basis = torch.linalg.qr(torch.randn(18, 18))[0]
+    with torch.autocast("cpu", dtype=BF16):
+        m = fbkernels.decay_matrix(basis, basis.t(), torch.ones(18), 0, 1.0)
+    assert m.dtype == F32
+    torch.testing.assert_close(m, torch.eye(18), rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------- backend choice and bad inputs
 
 def test_nan_filled_allocations_fill_with_nan():
@@ -628,6 +795,7 @@ def _bad_feedback_calls():
         ((h, f, torch.randn(5, 4), 2), ValueError, "decay"),
         ((h, f, torch.randn(25), 2), ValueError, "decay"),
         (("h", f, m, 2), TypeError, "h"),
+        ((torch.zeros(2, 0, 3), torch.zeros(2, 0, 3), torch.zeros(0, 0), 1), ValueError, "h"),
     ]
 
 
@@ -939,11 +1107,14 @@ def test_jit_trace_records_the_custom_ops():
         assert torch.equal(a, b)
 
 
-@needs_cpp
-def test_vmap_goes_through_the_custom_op():
+@pytest.mark.parametrize("backend,device", FUSED_BACKEND_DEVICES)
+def test_vmap_goes_through_the_custom_op(backend, device):
     """Under vmap the op runs per sample through the custom op's batching fallback (the fast path would hand the
-    kernels a batched tensor's storage)."""
-    h, f, decay = torch.randn(3, 2, 4, 5), torch.randn(2, 4, 5), torch.randn(4, 4)
-    batched = torch.func.vmap(lambda x: fbkernels.feedback_step(x, f, decay, 2, backend="cpp")[1])(h)
+    kernels a batched tensor's storage); plain vmap is not a differentiating transform, so it is not refused."""
+    h, f = _randn(3, 2, 4, 5, dtype=F32, device=device), _randn(2, 4, 5, dtype=F32, device=device)
+    decay, gate_logits = _randn(4, 4, dtype=F32, device=device), _randn(2, 4, dtype=F32, device=device)
+    batched = torch.func.vmap(lambda x: fbkernels.feedback_step(x, f, decay, 2, backend=backend)[1])(h)
+    gated = torch.func.vmap(lambda x: fbkernels.context_gate(x, gate_logits, 0.3, backend=backend))(h)
     for i in range(3):
-        assert torch.equal(batched[i], fbkernels.feedback_step(h[i], f, decay, 2, backend="cpp")[1])
+        assert torch.equal(batched[i], fbkernels.feedback_step(h[i], f, decay, 2, backend=backend)[1])
+        assert torch.equal(gated[i], fbkernels.context_gate(h[i], gate_logits, 0.3, backend=backend))

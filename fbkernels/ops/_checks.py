@@ -1,5 +1,5 @@
-"""What the op modules share: input checks for the public functions, the flat [B, d, N] view, the dtype the
-reference computes in, the empty stand-in for a gradient autograd did not ask for, the autocast rule that
+"""What the op modules share: input checks for the public functions and the custom ops, the flat [B, d, N] view, the
+dtype the reference computes in, the empty stand-in for a gradient autograd did not ask for, the autocast rule that
 casts an op's other tensors to its state's dtype, the test for a plain eager call that may skip the custom op, and the
 route around the custom op under forward-mode AD (no tangents) and torch.func transforms (no grad or vjp)."""
 from __future__ import annotations
@@ -9,9 +9,12 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType, get_unwrapped, is_functorch_wrapped_tensor, is_legacy_batchedtensor
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 
 from .._params import spatial_numel
+from ..backends import resolve_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -31,22 +34,45 @@ def autocast_enabled(device: torch.device) -> bool:
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
-def check_like_state(name: str, value: Tensor, state_name: str, state: Tensor) -> None:
-    """On the state's device, and of its dtype unless autocast is on there (the op then casts to the state's dtype)."""
+def check_like_state(name: str, value: Tensor, state_name: str, state: Tensor, *, exact_dtype: bool = False) -> None:
+    """On the state's device, and of its dtype unless autocast is on there (the op then casts to the state's dtype).
+    ``exact_dtype``: of its dtype even under autocast, as inside a custom op, whose autocast rule has cast already."""
     if value.device != state.device:
         raise ValueError(f"{name} must be on the device of {state_name} ({state.device}), got {value.device}")
-    if value.dtype != state.dtype and not autocast_enabled(state.device):
+    if value.dtype != state.dtype and (exact_dtype or not autocast_enabled(state.device)):
         raise TypeError(
-            f"{name} must have the dtype of {state_name} ({state.dtype}), got {value.dtype} "
-            f"(under torch.autocast it is cast to {state_name}'s dtype)"
+            f"{name} must have the dtype of {state_name} ({state.dtype}), got {value.dtype}"
+            + ("" if exact_dtype else f" (under torch.autocast it is cast to {state_name}'s dtype)")
         )
+
+
+def check_shape(name: str, value: Tensor, expected, meaning: str) -> None:
+    """``value.shape == expected``, compared element by element (a fake tensor's sizes may be symbolic)."""
+    shape = value.shape
+    if len(shape) != len(expected) or any(a != b for a, b in zip(shape, expected)):
+        raise ValueError(f"{name} must have shape {meaning} = {list(expected)}, got {list(shape)}")
 
 
 def check_int(name: str, value) -> None:
     if type(value) is int:  # the common case, without the slower abstract-class check below
         return
+    if isinstance(value, torch.SymInt):  # an int argument made symbolic by torch.compile (a custom op's fake)
+        return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+def check_needs_grad(needs_grad, count: int) -> None:
+    """A backward op's ``needs_grad``: one flag per differentiable input."""
+    if len(needs_grad) != count:
+        raise ValueError(f"needs_grad must have {count} flags (one per differentiable input), got {list(needs_grad)}")
+
+
+def check_op_backend(backend: str, state: Tensor) -> None:
+    """Inside a custom op, before its host function reads any pointer: ``backend`` runs on ``state``'s device and
+    dtype (the cpp kernels would read a CUDA pointer or reinterpret float16 bits; meta tensors go to the fake). The
+    public functions resolved it already; a direct torch.ops call has not. The resolution is memoised: a dict lookup."""
+    resolve_backend(backend, state.device, state.dtype)
 
 
 def flat(x: Tensor) -> Tensor:
@@ -81,24 +107,61 @@ def forward_ad_active() -> bool:
     return forward_ad._current_level >= 0
 
 
-def runs_as_torch_ops(backend: str) -> bool:
-    """Whether an op call runs its eager reference as plain torch ops (``run_as_torch_ops``) instead of its custom op:
-    under forward-mode AD, where the custom op would give no tangent, and on backend "eager" under a functorch transform
-    too (torch.func.grad and vjp cannot run a custom op's autograd; vmap then batches the torch ops themselves)."""
+def differentiating_transform_active() -> bool:
+    """Whether a torch.func transform that differentiates (grad, vjp, jacrev: Grad; jvp, jacfwd: Jvp) is anywhere on
+    the functorch interpreter stack, under any vmap: PyTorch cannot run a custom op's autograd there."""
+    differentiating = (TransformType.Grad, TransformType.Jvp)
+    return any(interpreter.key() in differentiating for interpreter in retrieve_all_functorch_interpreters())
+
+
+def vmap_active() -> bool:
+    """Whether a torch.func.vmap (also inside jacfwd, jacrev, hessian) is on the functorch interpreter stack."""
+    return torch._C._are_functorch_transforms_active() and any(
+        interpreter.key() == TransformType.Vmap for interpreter in retrieve_all_functorch_interpreters())
+
+
+def runs_as_torch_ops(backend: str, *tensors: Tensor) -> bool:
+    """Whether an op call on ``tensors`` runs its eager reference as plain torch ops (``run_as_torch_ops``) instead of
+    its custom op: under forward-mode AD, where the custom op would give no tangent, and on backend "eager" under a
+    functorch transform too (torch.func.grad and vjp cannot run a custom op's autograd; vmap then batches the torch ops
+    themselves). A fused backend goes there, to get run_as_torch_ops' error, when a differentiating torch.func
+    transform would need its autograd (an input requires grad); on inputs it does not differentiate, and under plain
+    vmap, it keeps its custom op (PyTorch's batching fallback runs it per sample)."""
     if forward_ad_active():
         return True
     # is_compiling() first, as in fast_path: Dynamo reads it as the constant True and traces no torch._C query after it.
-    return backend == "eager" and not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return False
+    if backend == "eager":
+        return True
+    return any(_requires_grad_at_some_level(t) for t in tensors) and differentiating_transform_active()
+
+
+def _requires_grad_at_some_level(t: Tensor) -> bool:
+    """Whether ``t`` or a tensor it wraps requires grad: under grad(vmap(...)) the op sees a BatchedTensor that does
+    not, around a GradTrackingTensor that does (and the batching fallback hands that one to the op's autograd)."""
+    while not t.requires_grad:
+        if not is_functorch_wrapped_tensor(t):
+            return False
+        t = get_unwrapped(t)
+    return True
 
 
 def run_as_torch_ops(op: str, backend: str, device: torch.device, reference: Callable, *args):
     """``reference(*args)`` as plain torch ops, whose derivatives of every mode PyTorch knows, with autocast off (the
     reference casts to the state's dtype itself, as the op's autocast rule does); for a fused backend, whose kernels
-    have no forward-mode derivative, an error naming backend='eager'."""
+    have no forward-mode derivative and whose autograd torch.func cannot run, an error naming backend='eager'."""
     if backend != "eager":
+        if forward_ad_active():
+            raise RuntimeError(
+                f"fbkernels.{op}: backend {backend!r} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, "
+                "torch.autograd.forward_ad); use backend='eager', whose reference is made of differentiable torch ops"
+            )
         raise RuntimeError(
-            f"fbkernels.{op}: backend {backend!r} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, "
-            "torch.autograd.forward_ad); use backend='eager', whose reference is made of differentiable torch ops"
+            f"fbkernels.{op}: backend {backend!r} cannot be differentiated by torch.func transforms (torch.func.grad, "
+            "vjp, jacrev; its custom op's autograd does not run under them); use backend='eager', whose "
+            "reference is made of differentiable torch ops (torch.autograd.grad and plain torch.func.vmap work on "
+            f"backend {backend!r})"
         )
     if autocast_enabled(device):
         with torch.autocast(device.type, enabled=False):
@@ -118,15 +181,18 @@ FAST_PATH_BACKENDS = ("cpp",)
 def fast_path(backend: str, *tensors: Tensor | None) -> bool:
     """Whether an op call on ``backend`` may run its host functions directly instead of through its custom op (the
     same functions, without torch.library's dispatcher layers): a backend of FAST_PATH_BACKENDS in plain eager
-    PyTorch, with no torch.compile or torch.jit.trace tracing, TorchDispatchMode (FakeTensorMode, make_fx) or
-    TorchFunctionMode, functorch transform (vmap, grad), autocast (its rule is registered on the custom op) or autograd
-    profiler (whose traces name the custom op) active, on plain tensors (no subclasses such as FakeTensor; None stands
-    for an absent gradient)."""
+    PyTorch, with no torch.compile or torch.jit.trace tracing, forward-mode AD, TorchDispatchMode (FakeTensorMode,
+    make_fx) or TorchFunctionMode, functorch transform (vmap, grad), autocast (its rule is registered on the custom op)
+    or autograd profiler (whose traces name the custom op) active, on plain tensors (no subclasses such as FakeTensor,
+    no legacy BatchedTensor, which has no storage: the gradients of ``torch.autograd.grad(is_grads_batched=True)``,
+    ``jacobian(vectorize=True)`` and ``gradcheck(check_batched_grad=True)``, batched by the legacy vmap, which
+    _are_functorch_transforms_active() does not report; None stands for an absent gradient)."""
     if backend not in FAST_PATH_BACKENDS:
         return False
     # is_compiling() first: Dynamo reads it as the constant True and traces none of the torch._C queries after it.
     if (
         torch.compiler.is_compiling()
+        or forward_ad._current_level >= 0
         or torch._C._len_torch_dispatch_stack()
         or torch._C._len_torch_function_stack()
         or torch._C._are_functorch_transforms_active()
@@ -135,7 +201,10 @@ def fast_path(backend: str, *tensors: Tensor | None) -> bool:
         or torch._C._is_tracing()
     ):
         return False
-    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+    for t in tensors:  # a loop rather than all(...): no generator to create on every call
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or is_legacy_batchedtensor(t)):
+            return False
+    return True
 
 
 def register_autocast_to_state_dtype(qualname: str, cast_to_state: Callable[[tuple], tuple]) -> None:

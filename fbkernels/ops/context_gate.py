@@ -25,7 +25,11 @@ from torch import Tensor
 
 from ..backends import host_module, resolve_backend
 from ._checks import (
+    FLOAT_DTYPES,
     check_like_state,
+    check_needs_grad,
+    check_op_backend,
+    check_shape,
     check_tensor,
     compute_dtype,
     fast_path,
@@ -37,17 +41,42 @@ from ._checks import (
 )
 
 
-def _check_inputs(h, gate_logits, alpha) -> None:
+def _check_inputs(h, gate_logits, alpha, *, exact_dtypes: bool = False) -> None:
+    """The public function's checks, and the custom op's (``exact_dtypes``: its autocast rule has cast already)."""
     check_tensor("h", h, min_dim=2)
     check_tensor("gate_logits", gate_logits)
-    check_like_state("gate_logits", gate_logits, "h", h)
-    expected = (h.shape[0], h.shape[1])
-    if tuple(gate_logits.shape) != expected:
-        raise ValueError(f"gate_logits must have shape [B, C] = {list(expected)}, got {list(gate_logits.shape)}")
+    check_like_state("gate_logits", gate_logits, "h", h, exact_dtype=exact_dtypes)
+    B, C = h.shape[0], h.shape[1]
+    if gate_logits.dim() != 2 or gate_logits.shape[0] != B or gate_logits.shape[1] != C:  # the sizes may be symbolic
+        raise ValueError(f"gate_logits must have shape [B, C] = {[B, C]}, got {list(gate_logits.shape)}")
+    if isinstance(alpha, torch.SymFloat):  # a float argument made symbolic by torch.compile (a custom op's fake)
+        return
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a float in [0, 1], got {type(alpha).__name__}")
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+
+def _op_inputs_ok(h: Tensor, gate_logits: Tensor, alpha: float) -> bool:
+    """The forward op's checks in one expression, a few microseconds cheaper per call than _check_inputs, which then
+    finds what is wrong (the op's schema has made the tensors tensors and alpha a float already)."""
+    shape, dtype = h.shape, h.dtype
+    return (len(shape) >= 2 and dtype in FLOAT_DTYPES and gate_logits.dtype == dtype and gate_logits.shape == shape[:2]
+            and 0.0 <= alpha <= 1.0 and gate_logits.device == h.device)
+
+
+def _backward_op_inputs_ok(grad_out: Tensor, h: Tensor, gate_logits: Tensor, alpha: float, needs_grad) -> bool:
+    return (_op_inputs_ok(h, gate_logits, alpha) and grad_out.dtype == h.dtype and grad_out.shape == h.shape
+            and grad_out.device == h.device and len(needs_grad) == 2)
+
+
+def _check_backward_inputs(grad_out, h, gate_logits, alpha, needs_grad) -> None:
+    """The backward op's checks: h, gate_logits and alpha as in the forward, grad_out of h's shape, dtype, device."""
+    _check_inputs(h, gate_logits, alpha, exact_dtypes=True)
+    check_tensor("grad_out", grad_out)
+    check_like_state("grad_out", grad_out, "h", h, exact_dtype=True)
+    check_shape("grad_out", grad_out, h.shape, "of h")
+    check_needs_grad(needs_grad, 2)
 
 
 # ---------------------------------------------------------------- eager reference (the "eager" backend)
@@ -99,13 +128,20 @@ def _backward_on_host(grad_out, h, gate_logits, alpha, backend, needs_grad) -> t
     )
 
 
+# As for feedback_step, the ops check their inputs (the real ops also the backend against the tensors' device and
+# dtype) and the fakes the same shapes, dtypes and devices; the public function's fast path skips the op.
+
 @torch.library.custom_op("fbkernels::context_gate", mutates_args=())
 def _context_gate_op(h: Tensor, gate_logits: Tensor, alpha: float, backend: str) -> Tensor:
+    if not _op_inputs_ok(h, gate_logits, alpha):
+        _check_inputs(h, gate_logits, alpha, exact_dtypes=True)  # raises, naming the argument
+    check_op_backend(backend, h)
     return _forward_on_host(h, gate_logits, alpha, backend)
 
 
 @_context_gate_op.register_fake
 def _(h, gate_logits, alpha, backend):
+    _check_inputs(h, gate_logits, alpha, exact_dtypes=True)
     return h.new_empty(h.shape)
 
 
@@ -114,6 +150,9 @@ def _context_gate_backward_op(
     grad_out: Tensor, h: Tensor, gate_logits: Tensor, alpha: float, backend: str, needs_grad: list[bool]
 ) -> tuple[Tensor, Tensor]:
     """(dL/dh, dL/dgate_logits); an empty tensor for each gradient that ``needs_grad`` leaves out."""
+    if not _backward_op_inputs_ok(grad_out, h, gate_logits, alpha, needs_grad):
+        _check_backward_inputs(grad_out, h, gate_logits, alpha, needs_grad)  # raises, naming the argument
+    check_op_backend(backend, h)
     grad_h, grad_gate = _backward_on_host(grad_out, h, gate_logits, alpha, backend, needs_grad)
     return (unrequested(h) if grad_h is None else unaliased(grad_h, grad_out),
             unrequested(gate_logits) if grad_gate is None else grad_gate)
@@ -121,6 +160,7 @@ def _context_gate_backward_op(
 
 @_context_gate_backward_op.register_fake
 def _(grad_out, h, gate_logits, alpha, backend, needs_grad):
+    _check_backward_inputs(grad_out, h, gate_logits, alpha, needs_grad)
     return (
         h.new_empty(h.shape) if needs_grad[0] else unrequested(h),
         gate_logits.new_empty(gate_logits.shape) if needs_grad[1] else unrequested(gate_logits),
@@ -207,10 +247,10 @@ def context_gate(h: Tensor, gate_logits: Tensor, alpha: float, *, backend: str |
     _check_inputs(h, gate_logits, alpha)
     name = resolve_backend(backend, h.device, h.dtype)
     alpha = float(alpha)
-    if runs_as_torch_ops(name):  # forward-mode AD, or a torch.func transform of eager
-        return run_as_torch_ops("context_gate", name, h.device, context_gate_forward, h, gate_logits, alpha)
-    if fast_path(name, h, gate_logits):
+    if fast_path(name, h, gate_logits):  # first: it is the common case, and none of the cases below takes it
         if torch.is_grad_enabled() and (h.requires_grad or gate_logits.requires_grad):
             return _ContextGateFunction.apply(h, gate_logits, alpha, name)
         return _forward_on_host(h, gate_logits, alpha, name)
+    if runs_as_torch_ops(name, h, gate_logits):  # forward AD, torch.func and eager, torch.func.grad and a fused backend
+        return run_as_torch_ops("context_gate", name, h.device, context_gate_forward, h, gate_logits, alpha)
     return torch.ops.fbkernels.context_gate.default(h, gate_logits, alpha, name)

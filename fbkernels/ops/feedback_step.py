@@ -26,8 +26,12 @@ from torch import Tensor
 
 from ..backends import host_module, resolve_backend
 from ._checks import (
+    FLOAT_DTYPES,
     check_int,
     check_like_state,
+    check_needs_grad,
+    check_op_backend,
+    check_shape,
     check_tensor,
     compute_dtype,
     fast_path,
@@ -40,17 +44,79 @@ from ._checks import (
 )
 
 
-def _check_inputs(h, f, decay, num_feedback) -> None:
+def _check_inputs(h, f, decay, num_feedback, *, exact_dtypes: bool = False) -> None:
+    """The public function's checks, and the custom op's (``exact_dtypes``: its autocast rule has cast already).
+    Every public call runs it, so the common case calls no helper; _check_state and _check_decay_and_num_feedback,
+    shared with the backward op, raise the errors."""
     check_tensor("h", h, min_dim=2)
+    d = h.shape[1]
+    if d < 1:  # before num_feedback's check, whose range 1..d would be empty
+        _check_state("h", h)  # raises
     check_tensor("f", f)
     check_tensor("decay", decay)
-    check_like_state("f", f, "h", h)
-    check_like_state("decay", decay, "h", h)
+    check_like_state("f", f, "h", h, exact_dtype=exact_dtypes)
+    check_like_state("decay", decay, "h", h, exact_dtype=exact_dtypes)
     if f.shape != h.shape:
         raise ValueError(f"f must have the shape of h {tuple(h.shape)}, got {tuple(f.shape)}")
-    d = h.shape[1]
-    if decay.shape != (d, d):
-        raise ValueError(f"decay must be a [d, d] = [{d}, {d}] matrix for h with d={d} channels, got {tuple(decay.shape)}")
+    check_int("num_feedback", num_feedback)
+    # Element-wise: the sizes may be symbolic, and Dynamo does not compare a torch.Size holding symbols with a tuple.
+    if decay.dim() != 2 or decay.shape[0] != d or decay.shape[1] != d or not 1 <= num_feedback <= d:
+        _check_decay_and_num_feedback(decay, num_feedback, "h", h, exact_dtypes)  # raises
+
+
+def _check_backward_inputs(grad_h, grad_v, f, v, decay, num_feedback, needs_grad) -> None:
+    """The backward op's checks: f and decay as in the forward, v [B, k, *S] and the upstream gradients (each may be
+    None) of their outputs' shapes, all of f's dtype and device."""
+    _check_state("f", f)
+    _check_decay_and_num_feedback(decay, num_feedback, "f", f, True)
+    expected_v = (f.shape[0], num_feedback, *f.shape[2:])
+    for name, value, expected, meaning in (("v", v, expected_v, "[B, num_feedback, *S]"),
+                                           ("grad_h", grad_h, f.shape, "of f"),
+                                           ("grad_v", grad_v, expected_v, "of v")):
+        if value is not None:  # v is a Tensor by the op's schema
+            check_tensor(name, value)
+            check_like_state(name, value, "f", f, exact_dtype=True)
+            check_shape(name, value, expected, meaning)
+    check_needs_grad(needs_grad, 3)
+
+
+def _op_inputs_ok(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int) -> bool:
+    """The forward op's checks in one expression, a few microseconds cheaper per call than _check_inputs, which then
+    finds what is wrong (the op's schema has made the tensors tensors and num_feedback an int already)."""
+    shape, dtype, device = h.shape, h.dtype, h.device
+    d = shape[1] if len(shape) >= 2 else 0
+    return (d >= 1 and dtype in FLOAT_DTYPES and f.dtype == dtype and decay.dtype == dtype and f.shape == shape
+            and decay.shape == (d, d) and 1 <= num_feedback <= d and f.device == device and decay.device == device)
+
+
+def _backward_op_inputs_ok(grad_h, grad_v, f, v, decay, num_feedback, needs_grad) -> bool:
+    """The backward op's checks in one expression, as _op_inputs_ok for the forward."""
+    shape, dtype, device = f.shape, f.dtype, f.device
+    d = shape[1] if len(shape) >= 2 else 0
+    if not (d >= 1 and dtype in FLOAT_DTYPES and decay.dtype == dtype and decay.shape == (d, d)
+            and 1 <= num_feedback <= d and decay.device == device and len(needs_grad) == 3):
+        return False
+    v_shape = (shape[0], num_feedback, *shape[2:])
+    for t, expected in ((v, v_shape), (grad_h, shape), (grad_v, v_shape)):
+        if t is not None and not (t.dtype == dtype and t.shape == expected and t.device == device):
+            return False
+    return True
+
+
+def _check_state(name: str, state) -> None:
+    check_tensor(name, state, min_dim=2)
+    if state.shape[1] < 1:  # before num_feedback's check, whose range 1..d would be empty
+        raise ValueError(f"{name} must have at least one channel ([B, d, *S] with d >= 1), "
+                         f"got shape {tuple(state.shape)}")
+
+
+def _check_decay_and_num_feedback(decay, num_feedback, state_name: str, state: Tensor, exact_dtypes: bool) -> None:
+    check_tensor("decay", decay)
+    check_like_state("decay", decay, state_name, state, exact_dtype=exact_dtypes)
+    d = state.shape[1]
+    if decay.dim() != 2 or decay.shape[0] != d or decay.shape[1] != d:
+        raise ValueError(f"decay must be a [d, d] = [{d}, {d}] matrix for {state_name} with d={d} channels, "
+                         f"got {tuple(decay.shape)}")
     check_int("num_feedback", num_feedback)
     if not 1 <= num_feedback <= d:
         raise ValueError(f"num_feedback must be in 1..d = 1..{d}, got {num_feedback}")
@@ -89,7 +155,10 @@ def feedback_step_backward(
     needs_h, needs_f, needs_decay = needs_grad
     grad_h_in = g.to(f.dtype) if needs_h else None
     grad_f = _channel_mix(decay.to(ct).t(), g).to(f.dtype) if needs_f else None
-    grad_decay = torch.einsum("bin,bjn->ij", flat(g), flat(f.to(ct))).to(decay.dtype) if needs_decay else None
+    # tensordot rather than einsum: the legacy vmap of torch.autograd.grad(is_grads_batched=True) and
+    # jacobian(vectorize=True) has a batching rule for it, not for einsum.
+    grad_decay = (torch.tensordot(flat(g), flat(f.to(ct)), dims=([0, 2], [0, 2])).to(decay.dtype)
+                  if needs_decay else None)
     return grad_h_in, grad_f, grad_decay
 
 
@@ -112,13 +181,22 @@ def _backward_on_host(grad_h, grad_v, f, v, decay, num_feedback, backend, needs_
     )
 
 
+# The ops check their inputs as the public function does (torch.ops.fbkernels.* is public API, and the host functions
+# read raw pointers), the real ops also the backend against the tensors' device and dtype; the fakes check the
+# same shapes, dtypes and devices, so a traced call fails where an eager one would. The public function's fast path
+# skips the op, so a plain public call is checked once.
+
 @torch.library.custom_op("fbkernels::feedback_step", mutates_args=())
 def _feedback_step_op(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int, backend: str) -> tuple[Tensor, Tensor]:
+    if not _op_inputs_ok(h, f, decay, num_feedback):
+        _check_inputs(h, f, decay, num_feedback, exact_dtypes=True)  # raises, naming the argument
+    check_op_backend(backend, h)
     return _forward_on_host(h, f, decay, num_feedback, backend)
 
 
 @_feedback_step_op.register_fake
 def _(h, f, decay, num_feedback, backend):
+    _check_inputs(h, f, decay, num_feedback, exact_dtypes=True)
     return h.new_empty(h.shape), h.new_empty((h.shape[0], num_feedback, *h.shape[2:]))
 
 
@@ -128,6 +206,9 @@ def _feedback_step_backward_op(
     backend: str, needs_grad: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dL/dh, dL/df, dL/ddecay); an empty tensor for each gradient that ``needs_grad`` leaves out."""
+    if not _backward_op_inputs_ok(grad_h, grad_v, f, v, decay, num_feedback, needs_grad):
+        _check_backward_inputs(grad_h, grad_v, f, v, decay, num_feedback, needs_grad)  # raises, naming the argument
+    check_op_backend(backend, f)
     grads = _backward_on_host(grad_h, grad_v, f, v, decay, num_feedback, backend, needs_grad)
     return tuple(unrequested(like) if grad is None else unaliased(grad, grad_h, grad_v)
                  for grad, like in zip(grads, (f, f, decay)))
@@ -135,6 +216,7 @@ def _feedback_step_backward_op(
 
 @_feedback_step_backward_op.register_fake
 def _(grad_h, grad_v, f, v, decay, num_feedback, backend, needs_grad):
+    _check_backward_inputs(grad_h, grad_v, f, v, decay, num_feedback, needs_grad)
     shapes = (f.shape, f.shape, decay.shape)
     return tuple(like.new_empty(shape) if needed else unrequested(like)
                  for needed, shape, like in zip(needs_grad, shapes, (f, f, decay)))
@@ -225,10 +307,10 @@ def feedback_step(h: Tensor, f: Tensor, decay: Tensor, num_feedback: int, *, bac
     _check_inputs(h, f, decay, num_feedback)
     name = resolve_backend(backend, h.device, h.dtype)
     num_feedback = int(num_feedback)
-    if runs_as_torch_ops(name):  # forward-mode AD, or a torch.func transform of eager
-        return run_as_torch_ops("feedback_step", name, h.device, feedback_step_forward, h, f, decay, num_feedback)
-    if fast_path(name, h, f, decay):
+    if fast_path(name, h, f, decay):  # first: it is the common case, and none of the cases below takes it
         if torch.is_grad_enabled() and (h.requires_grad or f.requires_grad or decay.requires_grad):
             return _FeedbackStepFunction.apply(h, f, decay, num_feedback, name)
         return _forward_on_host(h, f, decay, num_feedback, name)
+    if runs_as_torch_ops(name, h, f, decay):  # forward AD, torch.func and eager, torch.func.grad and a fused backend
+        return run_as_torch_ops("feedback_step", name, h.device, feedback_step_forward, h, f, decay, num_feedback)
     return torch.ops.fbkernels.feedback_step.default(h, f, decay, num_feedback, name)
