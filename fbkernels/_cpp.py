@@ -80,7 +80,8 @@ class LargeOutputCache:
     whole 8x18x256x256 feedback_step forward (docs/cpu-kernels.md). Smaller blocks come from glibc's heap, which
     already reuses them. A block is handed out again only for an output of exactly its size, and only when the
     cache holds its last reference: no tensor, view or storage object uses it (its storage's C++ use count is the
-    cache's one, and no one else holds the Python storage object, which PyTorch keeps one of per storage). At most
+    cache's one, and no one else holds the Python storage object, which PyTorch keeps one of per storage); a block
+    that has been moved to shared memory (sent to another process, which maps it unseen by those counts) is dropped. At most
     ``max_blocks`` blocks are kept; ``fbkernels.empty_cpu_cache()`` frees the unused ones, and
     ``FBKERNELS_CPU_OUTPUT_CACHE=0`` in the environment turns the cache off. Like PyTorch's CUDA caching allocator
     with GPU memory, it keeps freed memory of the process for reuse: here at most ``max_blocks`` large blocks.
@@ -114,12 +115,23 @@ class LargeOutputCache:
         finally:
             self._blocks.clear()
 
+    def empty_like(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor like ``like`` (a contiguous CPU tensor, as the host functions take)."""
+        if not self.enabled or like.nbytes < self.min_bytes:
+            return torch.empty_like(like)  # the common case first: empty_like is cheaper than empty(shape, dtype)
+        return self.empty(like.shape, like.dtype)
+
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised contiguous CPU tensor of ``shape`` and ``dtype``."""
         nbytes = math.prod(shape) * dtype.itemsize
         if not self.enabled or nbytes < self.min_bytes:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
+            # A block sent to another process (DataLoader workers, multiprocessing queues, share_memory_()) was moved
+            # to shared memory in place, and the receiver maps it without a reference the counts would see: such a
+            # block is dropped, never handed out again.
+            if any(block.is_shared() for block in self._blocks):
+                self._blocks = [block for block in self._blocks if not block.is_shared()]
             for i in range(len(self._blocks)):
                 if self._blocks[i].nbytes() == nbytes and self._unused(i):
                     self._blocks.append(self._blocks.pop(i))
@@ -149,7 +161,7 @@ output_cache = LargeOutputCache()
 
 
 def feedback_step_forward(h, f, decay, num_feedback):
-    h_next = output_cache.empty(h.shape, h.dtype)
+    h_next = output_cache.empty_like(h)
     v = torch.empty((h.shape[0], num_feedback, *h.shape[2:]), dtype=h.dtype, device=h.device)
     params = _feedback_step_params(h, num_feedback)
     params.h, params.f, params.decay = h.data_ptr(), f.data_ptr(), decay.data_ptr()
@@ -162,8 +174,8 @@ def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback, needs_grad
     """(grad of h, grad of f, grad of decay), each None where needs_grad says it is not wanted. grad_h / grad_v
     (the gradients of h_next and v) may be None, meaning zero."""
     need_h, need_f, need_decay = (bool(flag) for flag in needs_grad)
-    grad_h_in = output_cache.empty(f.shape, f.dtype) if need_h else None
-    grad_f = output_cache.empty(f.shape, f.dtype) if need_f else None
+    grad_h_in = output_cache.empty_like(f) if need_h else None
+    grad_f = output_cache.empty_like(f) if need_f else None
     grad_decay = torch.empty_like(decay) if need_decay else None
     params = _feedback_step_params(f, num_feedback)
     params.f, params.v, params.decay = f.data_ptr(), v.data_ptr(), decay.data_ptr()
@@ -175,7 +187,7 @@ def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback, needs_grad
 
 
 def context_gate_forward(h, gate_logits, alpha):
-    out = output_cache.empty(h.shape, h.dtype)
+    out = output_cache.empty_like(h)
     params = _context_gate_params(h, alpha)
     params.h, params.gate_logits, params.out = h.data_ptr(), gate_logits.data_ptr(), out.data_ptr()
     _C.context_gate_forward(params)
@@ -185,7 +197,7 @@ def context_gate_forward(h, gate_logits, alpha):
 def context_gate_backward(grad_out, h, gate_logits, alpha, needs_grad=(True, True)):
     """(grad of h, grad of gate_logits), each None where needs_grad says it is not wanted."""
     need_h, need_gate = (bool(flag) for flag in needs_grad)
-    grad_h = output_cache.empty(h.shape, h.dtype) if need_h else None
+    grad_h = output_cache.empty_like(h) if need_h else None
     grad_gate_logits = torch.empty_like(gate_logits) if need_gate else None
     params = _context_gate_params(h, alpha)
     params.grad_out, params.h, params.gate_logits = grad_out.data_ptr(), h.data_ptr(), gate_logits.data_ptr()

@@ -65,7 +65,7 @@ def test_small_outputs_bypass_the_cache_and_at_most_max_blocks_are_kept(cache):
     assert cache.cached_bytes() == 4096 and in_use.untyped_storage().nbytes() == 4096
 
 
-def test_disabled_cache_allocates_fresh_outputs():
+def test_disabled_cache_allocates_fresh_outputs(tmp_path):
     from fbkernels._cpp import LargeOutputCache
 
     cache = LargeOutputCache(min_bytes=0, enabled=False)
@@ -73,7 +73,9 @@ def test_disabled_cache_allocates_fresh_outputs():
     assert out.shape == (64,) and out.dtype == torch.float64 and cache.cached_bytes() == 0
     code = "import fbkernels._cpp as c; print(c.output_cache.enabled)"
     env = {**os.environ, "FBKERNELS_CPU_OUTPUT_CACHE": "0"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    # cwd outside the source tree: the installed package, with its compiled modules, is what gets imported.
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                            cwd=tmp_path)
     assert result.stdout.strip() == "False"
 
 
@@ -129,3 +131,31 @@ def test_gradients_accumulated_over_backwards_are_not_overwritten(small_blocks_c
         grads.append([t.grad.clone() for t in (h, f, decay)])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_a_block_moved_to_shared_memory_is_never_handed_out_again(small_blocks_cached):
+    # Sending a tensor to another process moves its storage to shared memory in place; the receiver maps it without a
+    # reference the counts see, so after the sender dropped its tensor the block looked unused and was overwritten.
+    h = torch.randn(2, 4, 16, 16)
+    out = fbkernels.context_gate(h, torch.zeros(2, 4), 0.5, backend="cpp")
+    out.share_memory_()
+    address = out.data_ptr()
+    del out
+    again = fbkernels.context_gate(h, torch.zeros(2, 4), 0.5, backend="cpp")
+    assert again.data_ptr() != address and not again.is_shared()
+    assert not any(block.is_shared() for block in small_blocks_cached._blocks)
+
+
+class _OutputsMadeInAWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        h = torch.full((1, 4, 16, 16), float(i))
+        return fbkernels.feedback_step(h, torch.zeros_like(h), torch.eye(4), 1, backend="cpp")[0]
+
+
+def test_outputs_sent_by_dataloader_workers_keep_their_values(small_blocks_cached):
+    # The worker (forked: it inherits the lowered threshold) computes item i+1 while the main process holds item i.
+    loader = torch.utils.data.DataLoader(_OutputsMadeInAWorker(), batch_size=None, num_workers=1, prefetch_factor=2)
+    assert [float(item[0, 0, 0, 0]) for item in list(loader)] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]

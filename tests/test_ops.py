@@ -448,6 +448,18 @@ def test_fused_backends_name_eager_under_torch_func_grad(backend, device):
     out = gate(h)
     torch.testing.assert_close(torch.func.grad(lambda x: (x * gate(h)).sum())(h), out)
 
+    # Ops the transform does not record still run (both were refused by a first version of the check): under
+    # torch.no_grad() inside the transform, and on a plain tensor requiring grad (an outer nn.Parameter).
+    def loss_without_grad(x):
+        with torch.no_grad():
+            target = gate(x)
+        return ((x - target) ** 2).sum()
+
+    torch.testing.assert_close(torch.func.grad(loss_without_grad)(h), 2 * (h - out))
+    weight = torch.nn.Parameter(h.clone())
+    scale = torch.tensor(2.0, dtype=F64, device=device)
+    torch.testing.assert_close(torch.func.grad(lambda s: (gate(weight) * s).sum())(scale), out.sum())
+
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_batched_gradients(backend, device):

@@ -134,17 +134,21 @@ def runs_as_torch_ops(backend: str, *tensors: Tensor) -> bool:
         return False
     if backend == "eager":
         return True
-    return any(_requires_grad_at_some_level(t) for t in tensors) and differentiating_transform_active()
+    # Only where the transform's autograd would record the op: not under torch.no_grad() inside the transform, nor
+    # for a plain tensor (an outer nn.Parameter, say) that the transform does not track.
+    return (torch.is_grad_enabled() and any(_tracked_by_a_transform(t) for t in tensors)
+            and differentiating_transform_active())
 
 
-def _requires_grad_at_some_level(t: Tensor) -> bool:
-    """Whether ``t`` or a tensor it wraps requires grad: under grad(vmap(...)) the op sees a BatchedTensor that does
-    not, around a GradTrackingTensor that does (and the batching fallback hands that one to the op's autograd)."""
-    while not t.requires_grad:
-        if not is_functorch_wrapped_tensor(t):
-            return False
+def _tracked_by_a_transform(t: Tensor) -> bool:
+    """Whether ``t`` is a functorch-wrapped tensor that requires grad at some level: under grad(vmap(...)) the op sees
+    a BatchedTensor that does not, around a GradTrackingTensor that does (and the batching fallback hands that one to
+    the op's autograd). A plain tensor, even one requiring grad, is not the transform's to differentiate."""
+    while is_functorch_wrapped_tensor(t):
+        if t.requires_grad:
+            return True
         t = get_unwrapped(t)
-    return True
+    return False
 
 
 def run_as_torch_ops(op: str, backend: str, device: torch.device, reference: Callable, *args):
