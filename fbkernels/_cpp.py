@@ -160,6 +160,15 @@ class LargeOutputCache:
 output_cache = LargeOutputCache()
 
 
+def _new_lock_after_fork() -> None:
+    # A child forked while another thread held the lock would wait for it forever at its first large output.
+    output_cache._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 def feedback_step_forward(h, f, decay, num_feedback):
     h_next = output_cache.empty_like(h)
     v = torch.empty((h.shape[0], num_feedback, *h.shape[2:]), dtype=h.dtype, device=h.device)

@@ -3,6 +3,7 @@ for an output of its size; at most max_blocks are kept; results are the same wit
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -159,3 +160,26 @@ def test_outputs_sent_by_dataloader_workers_keep_their_values(small_blocks_cache
     # The worker (forked: it inherits the lowered threshold) computes item i+1 while the main process holds item i.
     loader = torch.utils.data.DataLoader(_OutputsMadeInAWorker(), batch_size=None, num_workers=1, prefetch_factor=2)
     assert [float(item[0, 0, 0, 0]) for item in list(loader)] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_the_lock_is_held_can_still_allocate(small_blocks_cached):
+    # Another thread inside the cache at the moment of fork left the child's copy of the lock held forever.
+    with small_blocks_cached._lock:
+        pid = os.fork()
+        if pid == 0:  # the child: one large output, then out without running the parent's test machinery
+            try:
+                h = torch.randn(2, 4, 16, 16)
+                fbkernels.feedback_step(h, h, torch.eye(4), 1, backend="cpp")
+            finally:
+                os._exit(0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child did not finish its first large output within 60 s")
