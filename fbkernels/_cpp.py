@@ -81,8 +81,8 @@ class LargeOutputCache:
     already reuses them. A block is handed out again only for an output of exactly its size, and only when the
     cache holds its last reference: no tensor, view or storage object uses it (its storage's C++ use count is the
     cache's one, and no one else holds the Python storage object, which PyTorch keeps one of per storage); a block
-    that has been moved to shared memory (sent to another process, which maps it unseen by those counts) is dropped. At most
-    ``max_blocks`` blocks are kept; ``fbkernels.empty_cpu_cache()`` frees the unused ones, and
+    that has been moved to shared memory (sent to another process, which maps it unseen by those counts) is
+    dropped. At most ``max_blocks`` blocks are kept; ``fbkernels.empty_cpu_cache()`` frees the unused ones, and
     ``FBKERNELS_CPU_OUTPUT_CACHE=0`` in the environment turns the cache off. Like PyTorch's CUDA caching allocator
     with GPU memory, it keeps freed memory of the process for reuse: here at most ``max_blocks`` large blocks.
     """

@@ -15,10 +15,13 @@ import numpy as np
 __all__ = ["check_bool_setting", "check_choice", "check_int_setting", "check_positive_setting", "check_real_setting"]
 
 
-def check_bool_setting(name: str, value) -> bool:
-    """``value`` if it is a bool (a NumPy bool too); anything else, even 0, 1 or "no" (which is truthy), is refused."""
+def check_bool_setting(name: str, value, *, optional: bool = False) -> bool | None:
+    """``value`` if it is a bool (a NumPy bool too), or None when ``optional``; anything else, even 0, 1 or "no"
+    (which is truthy), is refused."""
+    if optional and value is None:
+        return None
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be {'None or ' if optional else ''}a bool, got {type(value).__name__} {value!r}")
     return bool(value)
 
 

@@ -12,8 +12,8 @@
 
 Datasets yield ``(input, target)`` pairs. A dataset with a ``set_epoch(epoch)`` method (like
 ``fbkernels.data.PolygonDataset``, whose training noise is redrawn each epoch) is told the epoch
-before the epoch starts, also inside a ``Subset`` or ``ConcatDataset``, so its randomness is a function of (seed, epoch, index): identical across
-DDP ranks, DataLoader workers and resumed runs.
+before the epoch starts, also inside a ``Subset`` or ``ConcatDataset``, so its randomness is a
+function of (seed, epoch, index): identical across DDP ranks, DataLoader workers and resumed runs.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._settings import check_real_setting
+from .._settings import check_bool_setting, check_real_setting
 
 __all__ = ["CIFAR10", "cifar10", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "stratified_split"]
 
@@ -104,8 +104,7 @@ class CIFAR10(Dataset):
                  val_fraction: float = VAL_FRACTION):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if augment is not None and not isinstance(augment, bool):  # bool("no") is True
-            raise TypeError(f"augment must be None or a bool, got {type(augment).__name__} {augment!r}")
+        check_bool_setting("augment", augment, optional=True)  # bool("no") is True
         directory = _find_batches_dir(root)
         if split == "test":
             images, labels = _read_batch(os.path.join(directory, TEST_FILE))

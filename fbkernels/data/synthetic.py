@@ -12,7 +12,6 @@ drawn once from ``seed`` (deterministic): (float32 [channels, size, size], int l
 """
 from __future__ import annotations
 
-
 import torch
 from torch.utils.data import Dataset
 

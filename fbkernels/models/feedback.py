@@ -49,7 +49,8 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
 import fbkernels
-from fbkernels._settings import check_bool_setting, check_choice, check_int_setting, check_positive_setting, check_real_setting
+from fbkernels._settings import (check_bool_setting, check_choice, check_int_setting, check_positive_setting,
+                                 check_real_setting)
 from fbkernels.backends import BACKENDS
 
 __all__ = ["DecayMatrix", "FeedbackLoop", "SpatialLayerNorm", "fractional_update_factors", "state_changes"]
@@ -65,9 +66,9 @@ FRACTIONAL_ALPHA = 1.5  # the order alpha of the authors' update factor
 def check_decay_settings(decay, learn_rates) -> None:
     """decay and learn_rates are bools, and learned rates need the decay matrix they are the rates of
     (without it they were silently dropped)."""
-    if check_bool_setting("learn_rates", learn_rates) and not check_bool_setting("decay", decay):
+    decay = check_bool_setting("decay", decay)
+    if check_bool_setting("learn_rates", learn_rates) and not decay:
         raise ValueError("learn_rates=True needs decay=True: without the decay matrix there are no rates to learn")
-    check_bool_setting("decay", decay)
 
 
 def check_backend_setting(value) -> str | None:
