@@ -109,13 +109,14 @@ constexpr int64_t kOuterRows = 2;
 constexpr int64_t kRowPad = 6;
 
 // Rows of memory that a block reads right after its channel mix: `count` rows of `length` elements, `stride` apart.
-// The mix runs at the FMA units' rate with load slots to spare, so it prefetches one cache line of each of these
-// rows per tile, and the block's next step finds them in cache instead of waiting on memory. Measured with
-// bench/cpu_kernel_driver.cpp, feedback_step forward at 8x18x128x128 on 2 threads, inputs out of cache, medians of
-// alternating runs: 1.95 against 2.11 ms with the prefetch (3.28 against 3.65 ms on 1 thread); the rows are read
-// once, so non-temporal prefetches (into L1, not kept in the outer caches) rather than ordinary ones: 1.93 against
-// 1.98 ms, 1.66 against 1.85 ms with inputs in cache. Prefetching the next block's f as well, or into L2 only,
-// gained nothing.
+// The mix runs at the FMA units' rate with load slots to spare, so it prefetches each of these rows' cache lines
+// of the tile, and the block's next step finds them in cache instead of waiting on memory (on the 2-core AMD EPYC
+// VM, feedback_step forward at 8x18x128x128 on 2 threads, inputs out of cache: 1.95 against 2.11 ms; measured with
+// bench/cpu_kernel_driver.cpp, medians of alternating runs). Into L2, not L1 (prefetcht2): non-temporal
+// prefetches (prefetchnta), 2% faster there, were 1.5x slower on the 2-core Xeon (Sapphire Rapids) VM, 2.35-2.52
+// against 1.52-1.81 ms with inputs in cache and 2.55-2.70 against 1.78-1.92 ms out of it (the _C_avx2 build, two
+// runs each); without a prefetch it ran 1.54-1.58 ms in cache and 1.98-2.39 ms out of it. Prefetching the next
+// block's f as well, or f a few tiles ahead in the mix, gained nothing on either machine.
 template <typename T>
 struct RowsAhead {
   const T* first = nullptr;  // nullptr: nothing to fetch
@@ -123,7 +124,10 @@ struct RowsAhead {
 
   void fetch_tile(int64_t t0) const {
     if (first == nullptr || t0 >= length) return;
-    for (int64_t r = 0; r < count; ++r) __builtin_prefetch(first + r * stride + t0, /*read*/ 0, /*non-temporal*/ 0);
+    constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+    for (int64_t r = 0; r < count; ++r)
+      for (int64_t line = t0; line < t0 + kTileWidth<T> && line < length; line += kLine)
+        __builtin_prefetch(first + r * stride + line, /*read*/ 0, /*into L2 and L3, not L1*/ 1);
   }
 };
 
@@ -172,13 +176,13 @@ class RowsInTurn {
   int64_t lines_ = 0, row_ = 0, at_ = 0;
 };
 
-// out[i * stride + n] = sum_r matrix[i * d + r] * rows[r * stride + n] for i < out_rows, r < d and n < padded:
-// the channel mix of a cached block. out_rows is a multiple of kMixRows and matrix has that many rows (zero past
-// d); padded is a multiple of the tile width. For each tile of positions, kMixRows output rows at a time, and one
-// cache line of each row `ahead` names.
+// out[i * out_stride + n] = sum_r matrix[i * d + r] * x[r * x_stride + n] for i < out_rows, r < d and n < padded:
+// the channel mix of a block. out_rows is a multiple of kMixRows and matrix has that many rows (zero past d);
+// padded is a multiple of the tile width. For each tile of positions, kMixRows output rows at a time, and the
+// tile's cache lines of each row `ahead` names.
 template <typename T>
-inline void mix_block(T* __restrict out, const T* __restrict matrix, const T* __restrict rows, int64_t d,
-                      int64_t out_rows, int64_t stride, int64_t padded, const RowsAhead<T>& ahead) {
+inline void mix_block(T* __restrict out, int64_t out_stride, const T* __restrict matrix, const T* __restrict x,
+                      int64_t x_stride, int64_t d, int64_t out_rows, int64_t padded, const RowsAhead<T>& ahead) {
   using V = vec_t<T>;
   constexpr int64_t W = kTileWidth<T>, L = kLanes<T>;
   for (int64_t t0 = 0; t0 < padded; t0 += W) {
@@ -187,20 +191,20 @@ inline void mix_block(T* __restrict out, const T* __restrict matrix, const T* __
       const T* __restrict m = matrix + i0 * d;
       V acc[kMixRows][kVectorsPerTile] = {};
       for (int64_t r = 0; r < d; ++r) {
-        V x[kVectorsPerTile];
+        V xr[kVectorsPerTile];
 #pragma GCC unroll 4
-        for (int64_t u = 0; u < kVectorsPerTile; ++u) x[u] = load_vector<T>(rows + r * stride + t0 + u * L);
+        for (int64_t u = 0; u < kVectorsPerTile; ++u) xr[u] = load_vector<T>(x + r * x_stride + t0 + u * L);
 #pragma GCC unroll 8
         for (int64_t q = 0; q < kMixRows; ++q) {
           const V c = broadcast<T>(m[q * d + r]);
 #pragma GCC unroll 4
-          for (int64_t u = 0; u < kVectorsPerTile; ++u) acc[q][u] = multiply_add<T>(c, x[u], acc[q][u]);
+          for (int64_t u = 0; u < kVectorsPerTile; ++u) acc[q][u] = multiply_add<T>(c, xr[u], acc[q][u]);
         }
       }
 #pragma GCC unroll 8
       for (int64_t q = 0; q < kMixRows; ++q) {
 #pragma GCC unroll 4
-        for (int64_t u = 0; u < kVectorsPerTile; ++u) store_vector<T>(out + (i0 + q) * stride + t0 + u * L, acc[q][u]);
+        for (int64_t u = 0; u < kVectorsPerTile; ++u) store_vector<T>(out + (i0 + q) * out_stride + t0 + u * L, acc[q][u]);
       }
     }
   }
@@ -329,21 +333,26 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
   prepare_output(v, positions * k * static_cast<int64_t>(sizeof(T)), p.num_threads);
 
   return parallel_for(num_chunks, p.num_threads, [&](int64_t chunk) {
-    // f_buf: the block's f rows; mix_buf: M @ f (rows padded), then h_next (its last k rows are the softmax
-    // input); then the softmax's inverse sums.
-    T* f_buf = thread_scratch<T>((d + rows + 1) * stride);
-    T* mix_buf = f_buf + d * stride;
+    // mix_buf: M @ f (rows padded), then h_next (its last k rows are the softmax input); then the softmax's
+    // inverse sums; then f_buf, the block's last partial tile of f, zero-padded.
+    T* mix_buf = thread_scratch<T>((rows + 1) * stride + d * W);
     T* inverse_sum = mix_buf + rows * stride;
+    T* f_buf = inverse_sum + stride;
     const auto range = detail::chunk_positions(chunk, num_chunks, positions);
     detail::for_each_block(range, N, block, [&](int64_t b, int64_t n0, int64_t len) {
-      const int64_t padded = detail::round_up(len, W);
+      const int64_t whole = len / W * W;
       const int64_t offset = b * d * N + n0;
-      for (int64_t c = 0; c < d; ++c) detail::load_padded(f_buf + c * stride, f + offset + c * N, len, padded);
-      // The mix works tile by tile on the cached block, fetching h meanwhile; h and h_next are then streamed one row
-      // at a time. Reading and writing all d rows per tile instead would keep 2d strided memory streams open, more
-      // than the hardware prefetchers follow.
-      detail::mix_block(mix_buf, M.data(), f_buf, d, rows, stride, padded,
-                        detail::RowsAhead<T>{h + offset, d, N, len});  // h, read next to write h_next
+      // The mix works tile by tile, its whole tiles straight from f (a tile's d cache lines stay in L1 while
+      // every output row uses them), fetching h meanwhile; h and h_next are then streamed one row at a time.
+      // Reading and writing all d rows per tile instead would keep 2d strided memory streams open, more than the
+      // hardware prefetchers follow.
+      detail::mix_block(mix_buf, stride, M.data(), f + offset, N, d, rows, whole,
+                        detail::RowsAhead<T>{h + offset, d, N, whole});  // h, read next to write h_next
+      if (whole < len) {
+        for (int64_t c = 0; c < d; ++c) detail::load_padded(f_buf + c * W, f + offset + c * N + whole, len - whole, W);
+        detail::mix_block(mix_buf + whole, stride, M.data(), f_buf, W, d, rows, W,
+                          detail::RowsAhead<T>{h + offset + whole, d, N, len - whole});
+      }
       const auto add = [](auto x, auto y) { return x + y; };
       for (int64_t i = 0; i < d - k; ++i)
         write_row_map(h_next + offset + i * N, len, stream, add, mix_buf + i * stride, h + offset + i * N);
@@ -438,7 +447,7 @@ int64_t feedback_step_backward(const FeedbackStepParams& p) {
         for (int64_t i = 0; i < d; ++i) write_row(grad_h + offset + i * N, g_buf + i * stride, len, stream);
       if (p.need_grad_f) {  // grad_f = M^T g into mix_buf, then written one row at a time (see the forward)
         const detail::RowsAhead<T> f_rows{dM != nullptr ? f + offset : nullptr, d, N, len};  // for dM below
-        detail::mix_block(mix_buf, MT.data(), g_buf, d, rows, stride, padded, f_rows);
+        detail::mix_block(mix_buf, stride, MT.data(), g_buf, stride, d, rows, padded, f_rows);
         for (int64_t j = 0; j < d; ++j) write_row(grad_f + offset + j * N, mix_buf + j * stride, len, stream);
       }
       if (dM != nullptr) {  // dM += g f^T (zero padding in both), fetching the next block's first reads
