@@ -2,7 +2,8 @@
 // "Where the time goes" in docs/cpu-kernels.md. float32, random-free deterministic inputs.
 //
 //   g++ -O3 -std=c++17 -fno-math-errno -ffp-contract=off -mavx2 -mfma -fopenmp -Icsrc
-//       bench/cpu_kernel_driver.cpp -o /tmp/cpu_kernel_driver      (one command; the flags of fbkernels._C_avx2)
+//       bench/cpu_kernel_driver.cpp -o /tmp/cpu_kernel_driver      (one command; the flags of fbkernels._C_avx2;
+//       -mavx512f -mavx512vl -mavx512dq -mavx512bw -mfma instead of -mavx2 -mfma for those of _C_avx512)
 //   /tmp/cpu_kernel_driver OP B C N THREADS [OUTPUTS [REPEATS [CACHE]]]
 //
 // OP: feedback_step_forward, feedback_step_backward (C = d, k = 2, every gradient), context_gate_forward,

@@ -1,4 +1,5 @@
-"""Host side of the "cpp" backend: allocates outputs with torch and calls the C++ kernels (fbkernels._C_avx2 or _C).
+"""Host side of the "cpp" backend: allocates outputs with torch and calls the C++ kernels (fbkernels._C_avx512,
+_C_avx2 or _C).
 
 All functions take contiguous [B, d, *S] tensors of one dtype on the CPU (the kernels see B, d and N = prod(S)) and
 return outputs of that shape.
@@ -21,17 +22,35 @@ import torch
 from ._params import context_gate_params, feedback_step_params, pointer
 
 
-def load_kernels(prefer_avx2: bool | None = None):
-    """The compiled CPU kernels: fbkernels._C_avx2 on CPUs with AVX2 and FMA (as PyTorch detects them, so
-    ATEN_CPU_CAPABILITY=default also selects the portable build), else the portable fbkernels._C."""
-    if prefer_avx2 is None:
-        prefer_avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    if prefer_avx2:
-        try:
-            return importlib.import_module("fbkernels._C_avx2")
-        except ImportError:  # built without it (not x86-64, or a compiler without -mavx2)
-            pass
-    return importlib.import_module("fbkernels._C")
+# The compiled CPU modules, widest instruction set first: (isa, module, PyTorch CPU capabilities that run it).
+CPU_BUILDS = (
+    ("avx512", "fbkernels._C_avx512", ("AVX512",)),
+    ("avx2", "fbkernels._C_avx2", ("AVX2", "AVX512")),
+    ("default", "fbkernels._C", None),  # any x86-64 (SSE2), or any other CPU
+)
+
+
+def cpu_runs(isa: str) -> bool:
+    """Whether this CPU runs the build for ``isa``, as PyTorch detects it (ATEN_CPU_CAPABILITY=default: only
+    "default")."""
+    capabilities = next(caps for name, _, caps in CPU_BUILDS if name == isa)
+    return capabilities is None or torch.backends.cpu.get_cpu_capability() in capabilities
+
+
+def load_kernels(isa: str | None = None):
+    """The compiled CPU kernels built for ``isa`` ("avx512", "avx2" or "default"; ImportError where not built), or
+    by default the widest build that was built and that this CPU runs."""
+    if isa is not None:
+        if isa not in [name for name, _, _ in CPU_BUILDS]:
+            raise ValueError(f"isa must be one of {[name for name, _, _ in CPU_BUILDS]}, got {isa!r}")
+        return importlib.import_module(next(module for name, module, _ in CPU_BUILDS if name == isa))
+    for name, module, _ in CPU_BUILDS:
+        if cpu_runs(name):
+            try:
+                return importlib.import_module(module)
+            except ImportError:  # not built (not x86-64, or a compiler without the flags)
+                if name == "default":
+                    raise
 
 
 def loaded_openmp_runtimes() -> list[str]:

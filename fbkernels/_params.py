@@ -1,6 +1,6 @@
 """The parameter structs of the compiled kernels (csrc/common.h), filled the same way for the cpp and cuda backends.
 
-Each compiled module (fbkernels._C, fbkernels._C_avx2, fbkernels._C_cuda) registers its own Python classes
+Each compiled module (fbkernels._C, _C_avx2, _C_avx512, _C_cuda) registers its own Python classes
 FeedbackStepParams and ContextGateParams for the same C++ structs; a struct is made by the module that will run it.
 Tensors become their data pointers, None becomes 0 (absent); sizes come from ``like`` ([B, C, *S]: B, C and
 N = spatial_numel), the dtype code from its dtype.

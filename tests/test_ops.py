@@ -754,17 +754,19 @@ def test_cpp_is_the_automatic_cpu_choice_and_rejects_half(monkeypatch):
 
 
 @pytest.mark.skipif("cpp" not in ALL_CPU, reason="fbkernels._C not built")
-@pytest.mark.parametrize("prefer_avx2", [False, True])
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 @pytest.mark.parametrize("N,gate_shape", [(99, (2, 5, 77)), (512 * 231 + 3, (32, 64, 2049))],
                          ids=["small", "streamed"])  # the second moves > 24 MiB: non-temporal stores
-def test_both_cpu_builds_match_eager(prefer_avx2, N, gate_shape):
-    """The portable module and the AVX2 one (where built and supported) compute the same op within rounding."""
+def test_every_cpu_build_matches_eager(isa, N, gate_shape):
+    """The portable module and the AVX2 and AVX-512 ones (where built and supported) compute the same op within
+    rounding."""
     from fbkernels import _cpp
-    if prefer_avx2 and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip("this CPU has no AVX2")
-    module = _cpp.load_kernels(prefer_avx2)
-    if prefer_avx2 and module.__name__ != "fbkernels._C_avx2":
-        pytest.skip("fbkernels._C_avx2 was not built")
+    if not _cpp.cpu_runs(isa):
+        pytest.skip(f"this CPU does not run the {isa} build")
+    try:
+        module = _cpp.load_kernels(isa)
+    except ImportError:
+        pytest.skip(f"the {isa} build was not built")
     B = 2
     h, f = torch.randn(B, 18, N), torch.randn(B, 18, N)  # canonical [B, d, N]
     decay = torch.randn(18, 18) / math.sqrt(18)

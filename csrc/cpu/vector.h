@@ -20,16 +20,20 @@
 namespace fbkernels {
 namespace cpu {
 
-// A native SIMD vector: 32 bytes with AVX2 (the _C_avx2 build), else 16 (SSE2). A tile of positions is one
-// 64-byte cache line, kVectorsPerTile vectors of kLanes elements.
-#if defined(__AVX2__)
+// A native SIMD vector: 64 bytes with AVX-512 (the _C_avx512 build), 32 with AVX2 (_C_avx2), else 16 (SSE2). A
+// tile of positions is kVectorsPerTile vectors of kLanes elements: one 64-byte cache line, or two with AVX-512,
+// so that a tile still holds two independent vectors per row (the channel mix's multiply-add chains).
+#if defined(__AVX512F__)
+constexpr int64_t kVectorBytes = 64;
+#elif defined(__AVX2__)
 constexpr int64_t kVectorBytes = 32;
 #else
 constexpr int64_t kVectorBytes = 16;
 #endif
-constexpr int64_t kVectorsPerTile = 64 / kVectorBytes;
+constexpr int64_t kTileBytes = kVectorBytes > 32 ? 2 * kVectorBytes : 64;
+constexpr int64_t kVectorsPerTile = kTileBytes / kVectorBytes;
 template <typename T>
-constexpr int64_t kTileWidth = static_cast<int64_t>(64 / sizeof(T));
+constexpr int64_t kTileWidth = static_cast<int64_t>(kTileBytes / sizeof(T));
 template <typename T>
 constexpr int64_t kLanes = static_cast<int64_t>(kVectorBytes / sizeof(T));
 
@@ -57,7 +61,9 @@ inline void store_vector(T* p, const vec_t<T>& v) {
 // multiply-adds instead of 8 and was load-bound.
 template <typename V>
 inline void keep_in_register(V& value) {
-#if defined(FBKERNELS_X86) && defined(__GNUC__)
+#if defined(FBKERNELS_X86) && defined(__GNUC__) && defined(__AVX512F__)
+  asm("" : "+v"(value));  // any of the 32 vector registers
+#elif defined(FBKERNELS_X86) && defined(__GNUC__)
   asm("" : "+x"(value));
 #else
   (void)value;
@@ -86,7 +92,13 @@ inline void store_as(T* p, const V& value) {
 
 template <typename T>
 inline vec_t<T> broadcast(T value) {
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_set1_ps(value);
+  } else {
+    return _mm512_set1_pd(value);
+  }
+#elif defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
     return _mm256_set1_ps(value);
   } else {
@@ -97,10 +109,16 @@ inline vec_t<T> broadcast(T value) {
 #endif
 }
 
-// a * b + c, rounded once where the build has FMA (the _C_avx2 module), else twice.
+// a * b + c, rounded once where the build has FMA (the _C_avx512 and _C_avx2 modules), else twice.
 template <typename T>
 inline vec_t<T> multiply_add(vec_t<T> a, vec_t<T> b, vec_t<T> c) {
-#if defined(__FMA__) && defined(__AVX2__)
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_fmadd_ps(a, b, c);
+  } else {
+    return _mm512_fmadd_pd(a, b, c);
+  }
+#elif defined(__FMA__) && defined(__AVX2__)
   if constexpr (std::is_same_v<T, float>) {
     return _mm256_fmadd_ps(a, b, c);
   } else {
@@ -162,7 +180,13 @@ inline bool streaming_pays(int64_t footprint) { return footprint >= (int64_t{24}
 // Stores one vector at dst, bypassing the cache (dst aligned to the vector size) where the build supports it.
 template <typename T>
 inline void stream_vector(T* dst, const vec_t<T>& value) {
-#if defined(FBKERNELS_X86) && defined(__AVX__)
+#if defined(FBKERNELS_X86) && defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(dst, value);
+  } else {
+    _mm512_stream_pd(dst, value);
+  }
+#elif defined(FBKERNELS_X86) && defined(__AVX__)
   if constexpr (std::is_same_v<T, float>) {
     _mm256_stream_ps(dst, value);
   } else {
