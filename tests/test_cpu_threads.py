@@ -15,9 +15,10 @@ pytestmark = pytest.mark.skipif("cpp" not in fbkernels.available_backends("cpu")
 
 DTYPES = [torch.float32, torch.float64]
 # (B, d, k, N): the Feedback U-Net state at batch 2 (d = 18, 128 x 128), odd N, several chunks with a partial one,
-# and passes past 24 MiB with an odd N (non-temporal stores from unaligned row starts, huge-page advice).
+# and passes past 24 MiB with an odd N (non-temporal stores from unaligned row starts, huge-page advice) and with
+# aligned rows (with AVX-512 the forward's channel mix then writes h_next itself).
 FEEDBACK_SHAPES = [(2, 18, 2, 128 * 128), (3, 18, 2, 37 * 41), (5, 7, 3, 4099), (1, 33, 1, 3 * 5 * 7),
-                   (2, 18, 2, 512 * 231 + 3)]
+                   (2, 18, 2, 512 * 231 + 3), (2, 18, 2, 512 * 232)]
 # (B, C, N): CBL-CNN maps, odd N, and a pass past 24 MiB with an odd N.
 GATE_SHAPES = [(128, 64, 16 * 16), (16, 64, 129), (3, 5, 7), (32, 64, 2049)]
 THREAD_COUNTS = (1, 2, 3)

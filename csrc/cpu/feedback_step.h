@@ -178,9 +178,9 @@ class RowsInTurn {
 
 // The channel mix (below) of kTiles tiles starting at position t0: kMixRows output rows at a time, each a row of
 // kTiles * kVectorsPerTile independent multiply-add chains fed by one broadcast of the matrix entry.
-template <int64_t kTiles, typename T>
-inline void mix_tiles(T* __restrict out, int64_t out_stride, const T* __restrict matrix, const T* __restrict x,
-                      int64_t x_stride, int64_t d, int64_t out_rows, int64_t t0) {
+template <int64_t kTiles, typename T, typename Store>
+inline void mix_tiles(const Store& store, const T* __restrict matrix, const T* __restrict x, int64_t x_stride,
+                      int64_t d, int64_t out_rows, int64_t t0) {
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>, U = kTiles * kVectorsPerTile;
   for (int64_t i0 = 0; i0 < out_rows; i0 += kMixRows) {
@@ -200,7 +200,7 @@ inline void mix_tiles(T* __restrict out, int64_t out_stride, const T* __restrict
 #pragma GCC unroll 8
     for (int64_t q = 0; q < kMixRows; ++q) {
 #pragma GCC unroll 8
-      for (int64_t u = 0; u < U; ++u) store_vector<T>(out + (i0 + q) * out_stride + t0 + u * L, acc[q][u]);
+      for (int64_t u = 0; u < U; ++u) store(i0 + q, t0 + u * L, acc[q][u]);
     }
   }
 }
@@ -209,9 +209,9 @@ inline void mix_tiles(T* __restrict out, int64_t out_stride, const T* __restrict
 // the channel mix of a block. out_rows is a multiple of kMixRows and matrix has that many rows (zero past d);
 // padded is a multiple of the tile width. For each tile of positions, kMixRows output rows at a time, and the
 // tile's cache lines of each row `ahead` names.
-template <typename T>
-inline void mix_block(T* __restrict out, int64_t out_stride, const T* __restrict matrix, const T* __restrict x,
-                      int64_t x_stride, int64_t d, int64_t out_rows, int64_t padded, const RowsAhead<T>& ahead) {
+template <typename T, typename Store>
+inline void mix_block_to(const Store& store, const T* __restrict matrix, const T* __restrict x, int64_t x_stride,
+                         int64_t d, int64_t out_rows, int64_t padded, const RowsAhead<T>& ahead) {
   constexpr int64_t W = kTileWidth<T>;
   // With AVX-512's 32 vector registers, two tiles at a time (24 accumulators): half the broadcasts per
   // multiply-add. feedback_step forward at 8x18x128x128, 2 threads, on the 2-core Xeon VM: 0.94-1.33 against
@@ -220,12 +220,21 @@ inline void mix_block(T* __restrict out, int64_t out_stride, const T* __restrict
   int64_t t0 = 0;
   for (; t0 + kPair * W <= padded; t0 += kPair * W) {
     for (int64_t t = 0; t < kPair; ++t) ahead.fetch_tile(t0 + t * W);
-    mix_tiles<kPair>(out, out_stride, matrix, x, x_stride, d, out_rows, t0);
+    mix_tiles<kPair>(store, matrix, x, x_stride, d, out_rows, t0);
   }
   for (; t0 < padded; t0 += W) {
     ahead.fetch_tile(t0);
-    mix_tiles<1>(out, out_stride, matrix, x, x_stride, d, out_rows, t0);
+    mix_tiles<1>(store, matrix, x, x_stride, d, out_rows, t0);
   }
+}
+
+template <typename T>
+inline void mix_block(T* __restrict out, int64_t out_stride, const T* __restrict matrix, const T* __restrict x,
+                      int64_t x_stride, int64_t d, int64_t out_rows, int64_t padded, const RowsAhead<T>& ahead) {
+  const auto store = [out, out_stride](int64_t i, int64_t n, const vec_t<T>& value) {
+    store_vector<T>(out + i * out_stride + n, value);
+  };
+  mix_block_to(store, matrix, x, x_stride, d, out_rows, padded, ahead);
 }
 
 // dM[i * rows + j] += sum_n g[i * stride + n] * f[j * stride + n] for i, j < rows and n < padded (rows a multiple
@@ -362,10 +371,33 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
       const int64_t offset = b * d * N + n0;
       // The mix works tile by tile, its whole tiles straight from f (a tile's d cache lines stay in L1 while
       // every output row uses them), fetching h meanwhile; h and h_next are then streamed one row at a time.
-      // Reading and writing all d rows per tile instead would keep 2d strided memory streams open, more than the
-      // hardware prefetchers follow.
-      detail::mix_block(mix_buf, stride, M.data(), f + offset, N, d, rows, whole,
-                        detail::RowsAhead<T>{h + offset, d, N, whole});  // h, read next to write h_next
+      // Reading and writing all d rows per tile instead would keep 2d strided memory streams
+      // open, more than the hardware prefetchers follow (on the AMD VM, with the AVX2 build).
+      // With AVX-512 the whole tiles' h_next is written by the mix itself, h added to each output vector in
+      // registers: one store per output vector, a whole cache line, so even with d rows written per tile the
+      // non-temporal stores leave full lines. Forward at 8x18x128x128 on the 2-core Xeon VM, 2 threads, inputs out
+      // of cache: 1.25-1.34 against 1.46-1.56 ms (six alternating driver runs; in cache 1.12-1.23 against
+      // 1.04-1.36 ms). Non-temporal stores need aligned rows; otherwise, and with narrower vectors (half lines, or
+      // rows written one after another as below), the mix goes to mix_buf first.
+      const bool rows_aligned = reinterpret_cast<uintptr_t>(h_next + offset) % kVectorBytes == 0 && N % kLanes<T> == 0;
+      const bool fused = kVectorBytes == 64 && (!stream || rows_aligned);
+      const detail::RowsAhead<T> h_rows{h + offset, d, N, whole};  // h, read next to write h_next
+      if (fused) {
+        const auto store = [&](int64_t i, int64_t n, const vec_t<T>& value) {
+          if (i >= d) return;  // a padding row
+          const vec_t<T> out = value + load_vector<T>(h + offset + i * N + n);
+          if (i >= d - k) store_vector<T>(mix_buf + i * stride + n, out);  // the softmax's input
+          if (stream) {
+            stream_vector<T>(h_next + offset + i * N + n, out);
+          } else {
+            store_vector<T>(h_next + offset + i * N + n, out);
+          }
+        };
+        detail::mix_block_to(store, M.data(), f + offset, N, d, rows, whole, h_rows);
+      } else {
+        detail::mix_block(mix_buf, stride, M.data(), f + offset, N, d, rows, whole, h_rows);
+      }
+      const int64_t from = fused ? whole : 0;
       if (whole < len) {
         for (int64_t c = 0; c < d; ++c) detail::load_padded(f_buf + c * W, f + offset + c * N + whole, len - whole, W);
         detail::mix_block(mix_buf + whole, stride, M.data(), f_buf, W, d, rows, W,
@@ -373,12 +405,13 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
       }
       const auto add = [](auto x, auto y) { return x + y; };
       for (int64_t i = 0; i < d - k; ++i)
-        write_row_map(h_next + offset + i * N, len, stream, add, mix_buf + i * stride, h + offset + i * N);
+        write_row_map(h_next + offset + i * N + from, len - from, stream, add, mix_buf + i * stride + from,
+                      h + offset + i * N + from);
       for (int64_t i = d - k; i < d; ++i) {  // kept in mix_buf too: the softmax's input
         T* __restrict mix_row = mix_buf + i * stride;
         const T* __restrict h_row = h + offset + i * N;
-        for (int64_t n = 0; n < len; ++n) mix_row[n] += h_row[n];
-        write_row(h_next + offset + i * N, mix_row, len, stream);
+        for (int64_t n = from; n < len; ++n) mix_row[n] += h_row[n];
+        write_row(h_next + offset + i * N + from, mix_row + from, len - from, stream);
       }
       detail::softmax_columns(mix_buf + (d - k) * stride, stride, k, len, inverse_sum, v + b * k * N + n0, N, stream);
     });
