@@ -361,26 +361,29 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
 
   return parallel_for(num_chunks, p.num_threads, [&](int64_t chunk) {
     // mix_buf: M @ f (rows padded), then h_next (its last k rows are the softmax input); then the softmax's
-    // inverse sums; then f_buf, the block's last partial tile of f, zero-padded.
-    T* mix_buf = thread_scratch<T>((rows + 1) * stride + d * W);
+    // inverse sums; then f_buf, the block's f rows (zero-padded to whole tiles) where they are copied.
+    T* mix_buf = thread_scratch<T>((rows + 1 + d) * stride);
     T* inverse_sum = mix_buf + rows * stride;
     T* f_buf = inverse_sum + stride;
     const auto range = detail::chunk_positions(chunk, num_chunks, positions);
     detail::for_each_block(range, N, block, [&](int64_t b, int64_t n0, int64_t len) {
-      const int64_t whole = len / W * W;
       const int64_t offset = b * d * N + n0;
-      // The mix works tile by tile, its whole tiles straight from f (a tile's d cache lines stay in L1 while
-      // every output row uses them), fetching h meanwhile; h and h_next are then streamed one row at a time.
-      // Reading and writing all d rows per tile instead would keep 2d strided memory streams
-      // open, more than the hardware prefetchers follow (on the AMD VM, with the AVX2 build).
-      // With AVX-512 the whole tiles' h_next is written by the mix itself, h added to each output vector in
-      // registers: one store per output vector, a whole cache line, so even with d rows written per tile the
+      // The mix works tile by tile, fetching h meanwhile; h and h_next are then streamed one row at a time.
+      // Reading and writing all d rows per tile instead would keep 2d strided memory streams open, more than the
+      // hardware prefetchers follow (on the AMD VM with the AVX2 build: 1.7x slower). There, too, the mix was
+      // fastest from a copy of the block's f rows (folding the copy into the mix: 1.50-1.68 against 1.35-1.44 ms at
+      // 8x18x128x128), so that build mixes only the copy (on the Xeon VM below, which runs the AVX-512 build, the
+      // AVX2 build was 7% faster reading f in place: 1.64 against 1.75 ms, bench/cpu_kernel_ab.sh).
+      // With AVX-512 the mix reads the whole tiles of f in place (a tile's d cache lines stay in L1 while every
+      // output row uses them) and, where it can, writes their h_next itself, h added to each output vector in
+      // registers: one store per output vector is a whole cache line, so even with d rows written per tile the
       // non-temporal stores leave full lines. Forward at 8x18x128x128 on the 2-core Xeon VM, 2 threads, inputs out
-      // of cache: 1.25-1.34 against 1.46-1.56 ms (six alternating driver runs; in cache 1.12-1.23 against
-      // 1.04-1.36 ms). Non-temporal stores need aligned rows; otherwise, and with narrower vectors (half lines, or
-      // rows written one after another as below), the mix goes to mix_buf first.
+      // of cache: 1.25-1.34 against 1.46-1.56 ms through mix_buf (six alternating driver runs; in cache 1.12-1.23
+      // against 1.04-1.36 ms). Non-temporal stores need aligned rows; where they are not, the mix goes to mix_buf.
+      constexpr bool kInPlace = kVectorBytes == 64;
+      const int64_t whole = kInPlace ? len / W * W : 0;  // positions mixed from f in place
       const bool rows_aligned = reinterpret_cast<uintptr_t>(h_next + offset) % kVectorBytes == 0 && N % kLanes<T> == 0;
-      const bool fused = kVectorBytes == 64 && (!stream || rows_aligned);
+      const bool fused = kInPlace && (!stream || rows_aligned);
       const detail::RowsAhead<T> h_rows{h + offset, d, N, whole};  // h, read next to write h_next
       if (fused) {
         const auto store = [&](int64_t i, int64_t n, const vec_t<T>& value) {
@@ -397,11 +400,13 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
       } else {
         detail::mix_block(mix_buf, stride, M.data(), f + offset, N, d, rows, whole, h_rows);
       }
-      const int64_t from = fused ? whole : 0;
-      if (whole < len) {
-        for (int64_t c = 0; c < d; ++c) detail::load_padded(f_buf + c * W, f + offset + c * N + whole, len - whole, W);
-        detail::mix_block(mix_buf + whole, stride, M.data(), f_buf, W, d, rows, W,
-                          detail::RowsAhead<T>{h + offset + whole, d, N, len - whole});
+      const int64_t from = fused ? whole : 0;  // h_next is written from here on below
+      if (whole < len) {  // the rest from the copy
+        const int64_t rest = len - whole, padded = detail::round_up(rest, W);
+        for (int64_t c = 0; c < d; ++c)
+          detail::load_padded(f_buf + c * stride, f + offset + c * N + whole, rest, padded);
+        detail::mix_block(mix_buf + whole, stride, M.data(), f_buf, stride, d, rows, padded,
+                          detail::RowsAhead<T>{h + offset + whole, d, N, rest});
       }
       const auto add = [](auto x, auto y) { return x + y; };
       for (int64_t i = 0; i < d - k; ++i)
