@@ -21,6 +21,8 @@ import fbkernels
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
+# The committed step_throughput run that README.md quotes (the 2-core Xeon VM).
+XEON_RUN = "step_throughput_intel-r-xeon-r-processor-2-threads.json"
 ROW_KEYS = {"op", "provider", "dtype", "shape", "pass", "ms", "gbps", "frac_peak", "peak_mem_mib"}
 
 
@@ -311,14 +313,15 @@ def test_out_must_be_a_writable_directory(step, capsys, tmp_path):
 def test_result_names_keep_dtypes_and_partial_runs_apart(tmp_path):
     common = _bench_module("_common")
     device = "AMD EPYC (2 threads)"
-    assert common.result_path(tmp_path, "step_throughput", device).name == "step_throughput_intel-r-xeon-r-processor-2-threads.json"
+    assert common.result_path(tmp_path, "step_throughput", device).name == "step_throughput_amd-epyc-2-threads.json"
     assert common.result_path(tmp_path, "train_step", device, dtype="float64").name == \
         "train_step_amd-epyc-2-threads_float64.json"
     assert common.result_path(tmp_path, "step_throughput", device, dtype="bfloat16", partial=True, smoke=True).name \
         == "step_throughput_amd-epyc-2-threads_bfloat16_partial_smoke.json"
     # The committed results keep the names they are referred to by (README.md, docs/training.md).
     committed = sorted((REPO / "bench" / "results").glob("*.json"))
-    assert {path.name for path in committed} >= {"step_throughput_intel-r-xeon-r-processor-2-threads.json",
+    assert {path.name for path in committed} >= {"step_throughput_amd-epyc-2-threads.json",
+                                                  "step_throughput_intel-r-xeon-r-processor-2-threads.json",
                                                   "train_step_amd-epyc-2-threads.json"}
     for path in committed:
         payload = json.loads(path.read_text())
@@ -328,7 +331,7 @@ def test_result_names_keep_dtypes_and_partial_runs_apart(tmp_path):
 
 def test_readme_table_leaves_out_partial_runs_and_keeps_dtypes_apart(tmp_path):
     common = _bench_module("_common")
-    full = json.loads((REPO / "bench" / "results" / "step_throughput_intel-r-xeon-r-processor-2-threads.json").read_text())
+    full = json.loads((REPO / "bench" / "results" / XEON_RUN).read_text())
     for name, changes in (("full", {}), ("partial", {"partial": True, "date": "2999-01-01", "torch": "partial-torch"}),
                           ("float64", {"dtype": "float64", "torch": "float64-torch",
                                        "headline": [{**h, "dtype": "float64"} for h in full["headline"]]})):
@@ -460,7 +463,7 @@ def test_bandwidth_panel_shows_shares_above_110_percent(step, monkeypatch):
 def test_readme_verdict_table_quotes_the_committed_verdict():
     """README.md's table of the committed run's verdict gives, per op and pass, the shape and figures of that
     run's JSON verdict line."""
-    payload = json.loads((REPO / "bench" / "results" / "step_throughput_intel-r-xeon-r-processor-2-threads.json").read_text())
+    payload = json.loads((REPO / "bench" / "results" / XEON_RUN).read_text())
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("The verdict of the committed run"):]
     table = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
