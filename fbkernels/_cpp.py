@@ -30,20 +30,27 @@ CPU_BUILDS = (
 )
 
 
+def _build(isa: str):
+    """The CPU_BUILDS entry of ``isa``."""
+    for build in CPU_BUILDS:
+        if build[0] == isa:
+            return build
+    raise ValueError(f"isa must be one of {[name for name, _, _ in CPU_BUILDS]}, got {isa!r}")
+
+
 def cpu_runs(isa: str) -> bool:
     """Whether this CPU runs the build for ``isa``, as PyTorch detects it (ATEN_CPU_CAPABILITY=default: only
     "default")."""
-    capabilities = next(caps for name, _, caps in CPU_BUILDS if name == isa)
+    capabilities = _build(isa)[2]
     return capabilities is None or torch.backends.cpu.get_cpu_capability() in capabilities
 
 
 def load_kernels(isa: str | None = None):
-    """The compiled CPU kernels built for ``isa`` ("avx512", "avx2" or "default"; ImportError where not built), or
-    by default the widest build that was built and that this CPU runs."""
+    """The compiled CPU kernels built for ``isa`` ("avx512", "avx2" or "default"; ImportError where not built;
+    whether this CPU runs them is the caller's to check, with cpu_runs), or by default the widest build that was
+    built and that this CPU runs."""
     if isa is not None:
-        if isa not in [name for name, _, _ in CPU_BUILDS]:
-            raise ValueError(f"isa must be one of {[name for name, _, _ in CPU_BUILDS]}, got {isa!r}")
-        return importlib.import_module(next(module for name, module, _ in CPU_BUILDS if name == isa))
+        return importlib.import_module(_build(isa)[1])
     for name, module, _ in CPU_BUILDS:
         if cpu_runs(name):
             try:
