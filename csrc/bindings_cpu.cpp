@@ -1,8 +1,8 @@
-// pybind11 bindings of the CPU kernels: module fbkernels._C (and fbkernels._C_avx2, the same source built for
-// AVX2 + FMA). fbkernels/_cpp.py fills one parameter struct per call (csrc/common.h, registered by
+// pybind11 bindings of the CPU kernels: module fbkernels._C (and _C_avx2 and _C_avx512, the same source built for
+// AVX2 + FMA and for AVX-512). fbkernels/_cpp.py fills one parameter struct per call (csrc/common.h, registered by
 // csrc/params_binding.h: data pointers of contiguous tensors it made, sizes, dtype code, thread count, which
-// gradients to write) and calls one entry per op and pass. Each entry checks the struct, releases the GIL, runs
-// the kernel and returns the number of threads that ran it.
+// gradients to write) and calls one entry per op and pass. Each entry checks the struct, releases the GIL, runs the
+// kernel and returns the number of threads that ran it.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>

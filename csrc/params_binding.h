@@ -1,5 +1,5 @@
 // pybind11 registration of the parameter structs of csrc/common.h, shared by the CPU modules (fbkernels._C,
-// fbkernels._C_avx2) and the CUDA module (fbkernels._C_cuda). The classes are module-local: each module registers
+// _C_avx2, _C_avx512) and the CUDA module (fbkernels._C_cuda). The classes are module-local: each module registers
 // its own Python classes for the same C++ types, so any of them can be imported together in one process
 // (fbkernels/_params.py makes each struct with the module it calls).
 #pragma once

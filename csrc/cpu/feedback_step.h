@@ -8,8 +8,9 @@
 //
 // Work is split into chunks of flat positions p = b * N + n, a function of B and N only (never of the thread
 // count). A chunk walks its positions in blocks inside one b; each block copies the rows it reuses into a per-thread
-// scratch buffer (allocated once per thread, see parallel.h), so every tensor is read and written once per pass and
-// the inner loops run over contiguous positions. In the backward each chunk writes its own [d, d] partial of
+// scratch buffer (allocated once per thread, see parallel.h; the AVX-512 forward reads f's whole tiles in place
+// instead, see feedback_step_forward), so every tensor is read and written once per pass and the inner loops run
+// over contiguous positions. In the backward each chunk writes its own [d, d] partial of
 // grad_decay, and the partials are summed in chunk order: the same bits for any number of threads.
 #pragma once
 
@@ -95,7 +96,8 @@ inline void load_padded(T* __restrict dst, const T* __restrict src, int64_t len,
 // Every output tile of the channel mix and of grad_decay is a chain of dependent multiply-adds; computed one at a
 // time, the FMA latency and not the loads would set the pace. These many tiles are computed together, as
 // independent chains in 6 to 12 of the 16 vector registers: 6 (AVX2) or 3 (SSE2) rows of the mix, 2 x 6 or
-// 2 x 3 entries of grad_decay (one vector each: 8 or 5 loads feed 12 or 6 multiply-adds).
+// 2 x 3 entries of grad_decay (one vector each: 8 or 5 loads feed 12 or 6 multiply-adds). AVX-512 (which defines
+// __AVX2__ too) has 32 registers: the same 6 rows, for two tiles at a time in the mix (mix_block).
 #if defined(__AVX2__)
 constexpr int64_t kMixRows = 6;
 constexpr int64_t kOuterCols = 6;
@@ -105,7 +107,7 @@ constexpr int64_t kOuterCols = 3;
 #endif
 constexpr int64_t kOuterRows = 2;
 // The scratch buffers have their row count rounded up to this (the extra rows zero), so the blocked loops need no
-// remainder code: a multiple of kMixRows, kOuterRows and kOuterCols in both builds.
+// remainder code: a multiple of kMixRows, kOuterRows and kOuterCols in every build.
 constexpr int64_t kRowPad = 6;
 
 // Rows of memory that a block reads right after its channel mix: `count` rows of `length` elements, `stride` apart.
@@ -262,7 +264,7 @@ inline void accumulate_outer(T* __restrict dM, const T* __restrict g, const T* _
 #pragma GCC unroll 8
         for (int64_t b = 0; b < kOuterCols; ++b) {
           V f_vec = load_vector<T>(f + (j0 + b) * stride + n);
-          keep_in_register(f_vec);  // 12 accumulators + 2 g + 1 f: 15 of the 16 vector registers
+          keep_in_register(f_vec);  // 12 accumulators + 2 g + 1 f: 15 vector registers (of 16, or 32)
 #pragma GCC unroll 4
           for (int64_t a = 0; a < kOuterRows; ++a) acc[a][b] = multiply_add<T>(g_vec[a], f_vec, acc[a][b]);
         }
@@ -353,15 +355,16 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
   const std::vector<T> M = detail::padded_matrix(reinterpret_cast<const T*>(p.decay), d, rows, /*transpose=*/false);
   const int64_t positions = B * N;
   const int64_t block = detail::feedback_block_length<T>(positions / num_chunks + 1, N);
-  const int64_t stride = block + W;  // one spare cache line per row: rows do not share cache sets
+  const int64_t stride = block + W;  // one spare tile per row: rows do not share cache sets
   // Reads h and f, writes h_next and v.
   const bool stream = streaming_pays(positions * (3 * d + k) * static_cast<int64_t>(sizeof(T)));
   prepare_output(h_next, positions * d * static_cast<int64_t>(sizeof(T)), p.num_threads);
   prepare_output(v, positions * k * static_cast<int64_t>(sizeof(T)), p.num_threads);
 
   return parallel_for(num_chunks, p.num_threads, [&](int64_t chunk) {
-    // mix_buf: M @ f (rows padded), then h_next (its last k rows are the softmax input); then the softmax's
-    // inverse sums; then f_buf, the block's f rows (zero-padded to whole tiles) where they are copied.
+    // mix_buf: M @ f (rows padded), then h_next (its last k rows are the softmax input; where the mix writes h_next
+    // itself, only those rows); then the softmax's inverse sums; then f_buf, the block's f rows (zero-padded to
+    // whole tiles) where they are copied.
     T* mix_buf = thread_scratch<T>((rows + 1 + d) * stride);
     T* inverse_sum = mix_buf + rows * stride;
     T* f_buf = inverse_sum + stride;
@@ -372,8 +375,8 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
       // Reading and writing all d rows per tile instead would keep 2d strided memory streams open, more than the
       // hardware prefetchers follow (on the AMD VM with the AVX2 build: 1.7x slower). There, too, the mix was
       // fastest from a copy of the block's f rows (folding the copy into the mix: 1.50-1.68 against 1.35-1.44 ms at
-      // 8x18x128x128), so that build mixes only the copy (on the Xeon VM below, which runs the AVX-512 build, the
-      // AVX2 build was 7% faster reading f in place: 1.64 against 1.75 ms, bench/cpu_kernel_ab.sh).
+      // 8x18x128x128), so the AVX2 and SSE2 builds mix only the copy. (On the Xeon VM, whose AVX-512 build is described
+      // next, the AVX2 build read f in place 7% faster, 1.64 against 1.75 ms: bench/cpu_kernel_ab.sh.)
       // With AVX-512 the mix reads the whole tiles of f in place (a tile's d cache lines stay in L1 while every
       // output row uses them) and, where it can, writes their h_next itself, h added to each output vector in
       // registers: one store per output vector is a whole cache line, so even with d rows written per tile the
