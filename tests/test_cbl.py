@@ -414,13 +414,13 @@ def test_state_dict_round_trip_and_eval_are_deterministic():
 
 
 def test_new_options_are_validated_with_clear_errors():
-    with pytest.raises(ValueError, match=r"context_map must be one of \('linear_tanh', 'linear'\), got 'relu'"):
+    with pytest.raises(ValueError, match=r"context_map must be one of \['linear_tanh', 'linear'\], got 'relu'"):
         _cbl(context_map="relu")
-    with pytest.raises(ValueError, match=r"adapter must be one of \('sigmoid_gate', 'concat_relu'\), got 'film'"):
+    with pytest.raises(ValueError, match=r"adapter must be one of \['sigmoid_gate', 'concat_relu'\], got 'film'"):
         _cbl(adapter="film")
     with pytest.raises(TypeError, match="learn_alpha must be a bool, got int 1"):
         _cbl(learn_alpha=1)
-    with pytest.raises(ValueError, match=r"backbone must be one of \('paper', 'authors'\), got 'resnet'"):
+    with pytest.raises(ValueError, match=r"backbone must be one of \['paper', 'authors'\], got 'resnet'"):
         CBLCNN(3, 7, backbone="resnet")
     with pytest.raises(ValueError, match="widths must be 3 positive channel counts.*got \\(4, 6, 8, 8\\)"):
         CBLCNN(3, 7, backbone="authors", widths=(4, 6, 8, 8))

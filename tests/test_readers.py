@@ -258,7 +258,7 @@ def test_speech_errors_name_the_problem(speech_root, tmp_path_factory):
 def test_speech_feature_settings_are_checked_when_built(speech_root):
     root, _ = speech_root
     # Features are computed on access: a typo first failed inside a DataLoader worker, n_mels=0 gave [1, 0, 101].
-    with pytest.raises(ValueError, match=r"mel_backend must be one of \('auto', 'torch', 'torchaudio'\), got 'torchaduio'"):
+    with pytest.raises(ValueError, match=r"mel_backend must be one of \['auto', 'torch', 'torchaudio'\], got 'torchaduio'"):
         speech_commands(root, "val", mel_backend="torchaduio")
     with pytest.raises(ValueError, match="n_mels must be >= 1, got 0"):
         speech_commands(root, "val", n_mels=0)

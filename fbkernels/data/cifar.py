@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._settings import check_bool_setting, check_real_setting
+from .._settings import check_bool_setting, check_choice, check_real_setting
 
 __all__ = ["CIFAR10", "cifar10", "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "stratified_split"]
 
@@ -102,8 +102,7 @@ class CIFAR10(Dataset):
 
     def __init__(self, root, split: str = "train", *, augment: bool | None = None, seed: int = 0,
                  val_fraction: float = VAL_FRACTION):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        check_choice("split", split, SPLITS)
         check_bool_setting("augment", augment, optional=True)  # bool("no") is True
         directory = _find_batches_dir(root)
         if split == "test":

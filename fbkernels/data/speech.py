@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._settings import check_int_setting
+from .._settings import check_choice, check_int_setting
 from .mel import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, log_mel_spectrogram
 
 __all__ = ["SpeechCommands", "speech_commands", "read_wav", "fit_length"]
@@ -78,13 +78,11 @@ class SpeechCommands(Dataset):
     """
 
     def __init__(self, root, split: str = "train", *, n_mels: int = N_MELS, mel_backend: str = "auto"):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        check_choice("split", split, SPLITS)
         # Checked now: the spectrograms are computed on access, so a typo would first fail in a DataLoader worker,
         # and n_mels=0 gave empty [1, 0, 101] features without an error.
         check_int_setting("n_mels", n_mels, 1)
-        if mel_backend not in MEL_BACKENDS:
-            raise ValueError(f"mel_backend must be one of {MEL_BACKENDS}, got {mel_backend!r}")
+        check_choice("mel_backend", mel_backend, MEL_BACKENDS)
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"Speech Commands root {root!r} does not exist")

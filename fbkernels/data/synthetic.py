@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from .._settings import check_int_setting, check_real_setting
+from .._settings import check_choice, check_int_setting, check_real_setting
 
 __all__ = ["SyntheticClassification", "synthetic_classification", "SPLIT_SEEDS"]
 
@@ -74,6 +74,5 @@ class SyntheticClassification(Dataset):
 
 def synthetic_classification(split: str, num_samples: int, *, seed: int = 0, **kwargs) -> SyntheticClassification:
     """The ``split`` ("train" | "val" | "test") of the synthetic task: sample seed = 1000 * seed + split offset."""
-    if split not in SPLIT_SEEDS:
-        raise ValueError(f"split must be one of {tuple(SPLIT_SEEDS)}, got {split!r}")
+    check_choice("split", split, SPLIT_SEEDS)
     return SyntheticClassification(num_samples, seed=1000 * seed + SPLIT_SEEDS[split], **kwargs)

@@ -61,7 +61,7 @@ from torch import nn
 
 import fbkernels
 
-from .._settings import check_bool_setting, check_int_setting, check_real_setting
+from .._settings import check_bool_setting, check_choice, check_int_setting, check_real_setting
 from .feedback import backend_setting, check_input, has_running_statistics
 
 __all__ = ["StandardCNN", "SmallCNN", "ContextualLoops", "CBLCNN", "ConcatReluAdapter", "build_backbone",
@@ -71,12 +71,6 @@ MODES = ("repropagate", "state")
 CONTEXT_MAPS = ("linear_tanh", "linear")
 ADAPTERS = ("sigmoid_gate", "concat_relu")
 BACKBONES = ("paper", "authors")
-
-
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
 
 
 def _check_dropout(value) -> float:
@@ -217,7 +211,7 @@ def build_backbone(backbone: str, in_channels: int, num_classes: int, *, widths:
                    hidden: int = 256, dropout: float = 0.0, pooled_size: int | None = None) -> nn.Module:
     """``StandardCNN`` (backbone "paper") or ``SmallCNN`` ("authors"); widths None: the backbone's default.
     ``pooled_size`` is the SmallCNN's (default 8); the StandardCNN pools to 1 x 1 and refuses it."""
-    _check_choice("backbone", backbone, BACKBONES)
+    check_choice("backbone", backbone, BACKBONES)
     options = dict(hidden=hidden, dropout=dropout)
     if widths is not None:
         options["widths"] = widths
@@ -308,8 +302,8 @@ class ContextualLoops(nn.Module):
         super().__init__()
         self.mode, self.backend = mode, backend
         check_int_setting("steps", steps, 0)
-        self.context_map = _check_choice("context_map", context_map, CONTEXT_MAPS)
-        self.adapter = _check_choice("adapter", adapter, ADAPTERS)
+        self.context_map = check_choice("context_map", context_map, CONTEXT_MAPS)
+        self.adapter = check_choice("adapter", adapter, ADAPTERS)
         self.learn_alpha = check_bool_setting("learn_alpha", learn_alpha)
         # The parameter exists before the alpha setter runs, which writes the initial value into it.
         if learn_alpha:
