@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from ._params import context_gate_params, feedback_step_params, pointer
+from ._settings import check_choice
 
 
 # The compiled CPU modules, widest instruction set first: (isa, module, PyTorch CPU capabilities that run it).
@@ -32,10 +33,8 @@ CPU_BUILDS = (
 
 def _build(isa: str):
     """The CPU_BUILDS entry of ``isa``."""
-    for build in CPU_BUILDS:
-        if build[0] == isa:
-            return build
-    raise ValueError(f"isa must be one of {[name for name, _, _ in CPU_BUILDS]}, got {isa!r}")
+    check_choice("isa", isa, [name for name, _, _ in CPU_BUILDS])
+    return next(build for build in CPU_BUILDS if build[0] == isa)
 
 
 def cpu_runs(isa: str) -> bool:
