@@ -1,4 +1,5 @@
-"""How tests compare a backend with the reference: one tolerance per dtype, and allocations pre-filled with NaN.
+"""How tests compare a backend with the reference: one tolerance per dtype, allocations pre-filled with NaN, and
+each compiled CPU build (cpu_build) as the cpp backend's kernels.
 
 The reference is the eager op computed in float64 from the same inputs, so one tolerance per dtype covers every
 backend: float32 and float64 rounding of the fused kernels, and the single final rounding of float16 and bfloat16
@@ -7,6 +8,7 @@ outputs (their kernels accumulate in float32).
 import contextlib
 import math
 
+import pytest
 import torch
 
 TOL = {
@@ -47,3 +49,20 @@ def nan_filled_allocations():
         yield
     finally:
         torch.empty, torch.empty_like, torch.Tensor.new_empty = originals
+
+
+# The CPU builds of the cpp backend (fbkernels._cpp.CPU_BUILDS): their kernels differ, so CPU tests run each.
+CPU_ISAS = ("default", "avx2", "avx512")
+
+
+def cpu_build(isa: str):
+    """The compiled CPU kernels built for ``isa``; the test is skipped where this CPU does not run them or they were
+    not built."""
+    from fbkernels import _cpp
+
+    if not _cpp.cpu_runs(isa):
+        pytest.skip(f"this CPU does not run the {isa} build")
+    try:
+        return _cpp.load_kernels(isa)
+    except ImportError:
+        pytest.skip(f"the {isa} build was not built")

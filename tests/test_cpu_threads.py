@@ -9,7 +9,7 @@ import torch
 import fbkernels
 from fbkernels import _reference
 
-from _compare import assert_close
+from _compare import CPU_ISAS, assert_close, cpu_build
 
 pytestmark = pytest.mark.skipif("cpp" not in fbkernels.available_backends("cpu"), reason="fbkernels._C not built")
 
@@ -24,18 +24,12 @@ GATE_SHAPES = [(128, 64, 16 * 16), (16, 64, 129), (3, 5, 7), (32, 64, 2049)]
 THREAD_COUNTS = (1, 2, 3)
 
 
-@pytest.fixture(params=["default", "avx2", "avx512"])
+@pytest.fixture(params=CPU_ISAS)
 def cpp(request, monkeypatch):
     """fbkernels._cpp running each CPU build that was built and that this CPU runs (the kernels differ per build)."""
     from fbkernels import _cpp
 
-    if not _cpp.cpu_runs(request.param):
-        pytest.skip(f"this CPU does not run the {request.param} build")
-    try:
-        module = _cpp.load_kernels(request.param)
-    except ImportError:
-        pytest.skip(f"the {request.param} build was not built")
-    monkeypatch.setattr(_cpp, "_C", module)
+    monkeypatch.setattr(_cpp, "_C", cpu_build(request.param))
     return _cpp
 
 

@@ -20,7 +20,7 @@ import fbkernels
 from fbkernels import _reference
 from fbkernels.backends import host_module
 
-from _compare import TOL, assert_close, nan_filled_allocations
+from _compare import CPU_ISAS, TOL, assert_close, cpu_build, nan_filled_allocations
 
 F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 _DTYPES = {
@@ -754,7 +754,7 @@ def test_cpp_is_the_automatic_cpu_choice_and_rejects_half(monkeypatch):
 
 
 @pytest.mark.skipif("cpp" not in ALL_CPU, reason="fbkernels._C not built")
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
 # The last two move > 24 MiB: non-temporal stores, from unaligned rows and from aligned ones (with AVX-512 the
 # forward's channel mix then writes h_next itself).
 @pytest.mark.parametrize("N,gate_shape",
@@ -764,12 +764,7 @@ def test_every_cpu_build_matches_eager(isa, N, gate_shape):
     """The portable module and the AVX2 and AVX-512 ones (where built and supported) compute the same op within
     rounding."""
     from fbkernels import _cpp
-    if not _cpp.cpu_runs(isa):
-        pytest.skip(f"this CPU does not run the {isa} build")
-    try:
-        module = _cpp.load_kernels(isa)
-    except ImportError:
-        pytest.skip(f"the {isa} build was not built")
+    module = cpu_build(isa)
     B = 2
     h, f = torch.randn(B, 18, N), torch.randn(B, 18, N)  # canonical [B, d, N]
     decay = torch.randn(18, 18) / math.sqrt(18)
