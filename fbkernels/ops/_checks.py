@@ -196,7 +196,7 @@ def fast_path(backend: str, *tensors: Tensor | None) -> bool:
     # is_compiling() first: Dynamo reads it as the constant True and traces none of the torch._C queries after it.
     if (
         torch.compiler.is_compiling()
-        or forward_ad._current_level >= 0
+        or forward_ad_active()
         or torch._C._len_torch_dispatch_stack()
         or torch._C._len_torch_function_stack()
         or torch._C._are_functorch_transforms_active()
