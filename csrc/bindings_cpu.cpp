@@ -90,6 +90,11 @@ int64_t context_gate_backward(const ContextGateParams& p) {
   return dispatch_cpu_dtype(p.dtype, op, [&](auto tag) { return cpu::context_gate_backward<decltype(tag)>(p); });
 }
 
+// Bytes per element of a dtype the CPU kernels take.
+int64_t cpu_itemsize(int64_t dtype_code, const char* op) {
+  return dispatch_cpu_dtype(dtype_code, op, [](auto tag) { return static_cast<int64_t>(sizeof(tag)); });
+}
+
 }  // namespace
 }  // namespace fbkernels
 
@@ -115,6 +120,22 @@ PYBIND11_MODULE(FBKERNELS_CPU_MODULE, m) {
   m.def("context_gate_backward", &context_gate_backward,
         "Backward of context_gate_forward into grad_h, grad_gate_logits (those asked for); returns the threads used.",
         py::arg("params"));
+  // Asked before the outputs are allocated (fbkernels/_cpp.py: outputs written with non-temporal stores come from
+  // its output cache); pointers need not be set, only the sizes, dtype, upstream gradients given and need_* flags.
+  m.def(
+      "streams",
+      [](const FeedbackStepParams& p, bool backward) {
+        return cpu::feedback_step_streams(p, backward, cpu_itemsize(p.dtype, "feedback_step"));
+      },
+      "Whether the feedback_step pass (backward or forward) writes its outputs with non-temporal stores.",
+      py::arg("params"), py::arg("backward"));
+  m.def(
+      "streams",
+      [](const ContextGateParams& p, bool backward) {
+        return cpu::context_gate_streams(p, backward, cpu_itemsize(p.dtype, "context_gate"));
+      },
+      "Whether the context_gate pass (backward or forward) writes its output with non-temporal stores.",
+      py::arg("params"), py::arg("backward"));
   m.def("runtime_max_threads", &cpu::runtime_max_threads,
         "omp_get_max_threads() of the OpenMP runtime the kernels run on, in the calling thread (1 without OpenMP).");
 }

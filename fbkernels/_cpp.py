@@ -97,13 +97,15 @@ def _context_gate_params(like, alpha, **fields):
 
 
 class LargeOutputCache:
-    """Reuses the memory of large outputs (>= ``min_bytes``) that nothing references any more.
+    """Reuses the memory of large outputs (>= ``min_bytes``) and of streamed ones that nothing references any more.
 
     glibc gives each block of 32 MiB or more its own fresh mapping and returns it to the OS when freed, so every
     such output is new memory that the OS zero-fills page by page on first write: 3.8-9 ms per 38 MB output on
     the 2-core benchmark VM (23-38 ms when the VM has handed the pages back to its host), against 6-7 ms for the
     whole 8x18x256x256 feedback_step forward (docs/cpu-kernels.md). Smaller blocks come from glibc's heap, which
-    already reuses them. A block is handed out again only for an output of exactly its size, and only when the
+    reuses them, except the outputs the kernel writes with non-temporal stores (``streamed``): glibc's block may be
+    one another op has just written, whose dirty lines those stores must first evict, or, once glibc trims its
+    heap, new pages; the cache's block is neither. A block is handed out again only for an output of exactly its size, and only when the
     cache holds its last reference: no tensor, view or storage object uses it (its storage's C++ use count is the
     cache's one, and no one else holds the Python storage object, which PyTorch keeps one of per storage); a block
     that has been moved to shared memory (sent to another process, which maps it unseen by those counts) is
@@ -140,16 +142,17 @@ class LargeOutputCache:
         finally:
             self._blocks.clear()
 
-    def empty_like(self, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor like ``like`` (a contiguous CPU tensor, as the host functions take)."""
-        if not self.enabled or like.nbytes < self.min_bytes:
+    def empty_like(self, like: torch.Tensor, streamed: bool = False) -> torch.Tensor:
+        """An uninitialised tensor like ``like`` (a contiguous CPU tensor, as the host functions take); ``streamed``:
+        the kernel writes it with non-temporal stores (cached whatever its size)."""
+        if not self.enabled or not (streamed or like.nbytes >= self.min_bytes):
             return torch.empty_like(like)  # the common case first: empty_like is cheaper than empty(shape, dtype)
-        return self.empty(like.shape, like.dtype)
+        return self.empty(like.shape, like.dtype, streamed)
 
-    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised contiguous CPU tensor of ``shape`` and ``dtype``."""
+    def empty(self, shape, dtype: torch.dtype, streamed: bool = False) -> torch.Tensor:
+        """An uninitialised contiguous CPU tensor of ``shape`` and ``dtype`` (``streamed`` as in empty_like)."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if not self.enabled or nbytes < self.min_bytes:
+        if not self.enabled or not (streamed or nbytes >= self.min_bytes):
             return torch.empty(shape, dtype=dtype)
         with self._lock:
             # A block sent to another process (DataLoader workers, multiprocessing queues, share_memory_()) was moved
@@ -195,9 +198,9 @@ if hasattr(os, "register_at_fork"):
 
 
 def feedback_step_forward(h, f, decay, num_feedback):
-    h_next = output_cache.empty_like(h)
-    v = torch.empty((h.shape[0], num_feedback, *h.shape[2:]), dtype=h.dtype, device=h.device)
     params = _feedback_step_params(h, num_feedback)
+    h_next = output_cache.empty_like(h, _C.streams(params, False))
+    v = h.new_empty((h.shape[0], num_feedback, *h.shape[2:]))
     params.h, params.f, params.decay = h.data_ptr(), f.data_ptr(), decay.data_ptr()
     params.h_next, params.v = h_next.data_ptr(), v.data_ptr()
     _C.feedback_step_forward(params)
@@ -208,21 +211,22 @@ def feedback_step_backward(grad_h, grad_v, f, v, decay, num_feedback, needs_grad
     """(grad of h, grad of f, grad of decay), each None where needs_grad says it is not wanted. grad_h / grad_v
     (the gradients of h_next and v) may be None, meaning zero."""
     need_h, need_f, need_decay = (bool(flag) for flag in needs_grad)
-    grad_h_in = output_cache.empty_like(f) if need_h else None
-    grad_f = output_cache.empty_like(f) if need_f else None
-    grad_decay = torch.empty_like(decay) if need_decay else None
     params = _feedback_step_params(f, num_feedback)
     params.f, params.v, params.decay = f.data_ptr(), v.data_ptr(), decay.data_ptr()
     params.grad_h_next, params.grad_v = pointer(grad_h), pointer(grad_v)
-    params.grad_h, params.grad_f, params.grad_decay = pointer(grad_h_in), pointer(grad_f), pointer(grad_decay)
     params.need_grad_h, params.need_grad_f, params.need_grad_decay = need_h, need_f, need_decay
+    streamed = _C.streams(params, True)
+    grad_h_in = output_cache.empty_like(f, streamed) if need_h else None
+    grad_f = output_cache.empty_like(f, streamed) if need_f else None
+    grad_decay = torch.empty_like(decay) if need_decay else None
+    params.grad_h, params.grad_f, params.grad_decay = pointer(grad_h_in), pointer(grad_f), pointer(grad_decay)
     _C.feedback_step_backward(params)
     return grad_h_in, grad_f, grad_decay
 
 
 def context_gate_forward(h, gate_logits, alpha):
-    out = output_cache.empty_like(h)
     params = _context_gate_params(h, alpha)
+    out = output_cache.empty_like(h, _C.streams(params, False))
     params.h, params.gate_logits, params.out = h.data_ptr(), gate_logits.data_ptr(), out.data_ptr()
     _C.context_gate_forward(params)
     return out
@@ -231,11 +235,11 @@ def context_gate_forward(h, gate_logits, alpha):
 def context_gate_backward(grad_out, h, gate_logits, alpha, needs_grad=(True, True)):
     """(grad of h, grad of gate_logits), each None where needs_grad says it is not wanted."""
     need_h, need_gate = (bool(flag) for flag in needs_grad)
-    grad_h = output_cache.empty_like(h) if need_h else None
-    grad_gate_logits = torch.empty_like(gate_logits) if need_gate else None
     params = _context_gate_params(h, alpha)
     params.grad_out, params.h, params.gate_logits = grad_out.data_ptr(), h.data_ptr(), gate_logits.data_ptr()
-    params.grad_h, params.grad_gate_logits = pointer(grad_h), pointer(grad_gate_logits)
     params.need_grad_h, params.need_grad_gate_logits = need_h, need_gate
+    grad_h = output_cache.empty_like(h, _C.streams(params, True)) if need_h else None
+    grad_gate_logits = torch.empty_like(gate_logits) if need_gate else None
+    params.grad_h, params.grad_gate_logits = pointer(grad_h), pointer(grad_gate_logits)
     _C.context_gate_backward(params)
     return grad_h, grad_gate_logits

@@ -87,6 +87,30 @@ def _feedback_pass(h, f, decay, k):
     return h_next.detach(), v.detach(), h.grad, f.grad, decay.grad
 
 
+def test_outputs_written_with_streaming_stores_are_cached_at_any_size():
+    # Outputs of passes that outgrow the cache (written with non-temporal stores) come from the cache even under its
+    # min_bytes; smaller passes take glibc's recently freed, cache-warm blocks.
+    from fbkernels._cpp import _C, _feedback_step_params, output_cache
+
+    if not output_cache.enabled:
+        pytest.skip("FBKERNELS_CPU_OUTPUT_CACHE=0")
+    output_cache.clear()
+    k = 2
+    small, large = torch.randn(2, 18, 16, 16), torch.randn(8, 18, 128, 128)  # 0.1 and 29 MiB of forward traffic
+    assert not _C.streams(_feedback_step_params(small, k), False) and _C.streams(_feedback_step_params(large, k), False)
+    assert large.nbytes < output_cache.min_bytes
+    decay = torch.eye(18)
+    fbkernels.feedback_step(small, small, decay, k, backend="cpp")
+    assert output_cache.cached_bytes() == 0
+    h_next, _ = fbkernels.feedback_step(large, large, decay, k, backend="cpp")
+    assert output_cache.cached_bytes() == large.nbytes
+    address = h_next.data_ptr()
+    del h_next
+    again, _ = fbkernels.feedback_step(large, large, decay, k, backend="cpp")
+    assert again.data_ptr() == address and torch.equal(again, large + large)
+    output_cache.clear()
+
+
 def test_results_are_the_same_with_reused_blocks_and_live_outputs_are_not_overwritten(small_blocks_cached):
     torch.manual_seed(0)
     B, d, k, S = 2, 6, 2, (9, 11)

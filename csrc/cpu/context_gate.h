@@ -17,6 +17,14 @@
 namespace fbkernels {
 namespace cpu {
 
+// Whether a pass writes its output with non-temporal stores (streaming_pays on the bytes it reads and writes): the
+// forward reads h and writes out; the backward, when it writes grad_h, reads grad_out and (for the logit gradient)
+// h. itemsize: bytes per element of p.dtype.
+inline bool context_gate_streams(const ContextGateParams& p, bool backward, int64_t itemsize) {
+  const int64_t maps = backward ? (p.need_grad_h ? 2 + (p.need_grad_gate_logits ? 1 : 0) : 0) : 2;
+  return maps > 0 && streaming_pays(maps * p.B * p.C * p.N * itemsize);
+}
+
 namespace detail {
 
 // Elements per task (rows are grouped until they reach it): below this, waking a second thread costs more than it
@@ -83,7 +91,7 @@ int64_t context_gate_forward(const ContextGateParams& p) {
   T* out = reinterpret_cast<T*>(p.out);
   const int64_t N = p.N;
   const T blend = static_cast<T>(p.alpha);
-  const bool stream = streaming_pays(2 * p.B * p.C * N * static_cast<int64_t>(sizeof(T)));  // reads h, writes out
+  const bool stream = context_gate_streams(p, /*backward=*/false, sizeof(T));
   prepare_output(out, p.B * p.C * N * static_cast<int64_t>(sizeof(T)), p.num_threads);
   return detail::for_each_row(p.B * p.C, N, p.num_threads, stream, gate_logits, [&](int64_t row, T gate) {
     const T scale = blend + (T(1) - blend) * gate;
@@ -104,9 +112,7 @@ int64_t context_gate_backward(const ContextGateParams& p) {
   if (!p.need_grad_h && !p.need_grad_gate_logits) return 1;
   constexpr int64_t W = kTileWidth<T>;
   const T blend = static_cast<T>(p.alpha);
-  // Reads grad_out and (for the logit gradient) h; writes grad_h.
-  const int64_t maps_moved = 1 + (p.need_grad_gate_logits ? 1 : 0) + (p.need_grad_h ? 1 : 0);
-  const bool stream = p.need_grad_h && streaming_pays(maps_moved * p.B * p.C * N * static_cast<int64_t>(sizeof(T)));
+  const bool stream = context_gate_streams(p, /*backward=*/true, sizeof(T));
   if (p.need_grad_h) prepare_output(grad_h, p.B * p.C * N * static_cast<int64_t>(sizeof(T)), p.num_threads);
   return detail::for_each_row(p.B * p.C, N, p.num_threads, stream, gate_logits, [&](int64_t row, T gate) {
     const T* __restrict g_row = grad_out + row * N;

@@ -40,6 +40,17 @@ inline int64_t feedback_step_num_chunks(int64_t B, int64_t N) {
   return std::min(kFeedbackMaxChunks, chunks);
 }
 
+// Whether a pass writes its outputs with non-temporal stores (streaming_pays on the bytes it reads and writes):
+// the forward reads h and f and writes h_next and v; the backward reads grad_h_next and grad_v (those given), v and
+// (for grad_decay) f, and writes grad_h and grad_f (those asked for). itemsize: bytes per element of p.dtype.
+inline bool feedback_step_streams(const FeedbackStepParams& p, bool backward, int64_t itemsize) {
+  const int64_t d = p.d, k = p.k;
+  const int64_t rows = backward ? (p.grad_h_next != 0 ? d : 0) + (p.grad_v != 0 ? k : 0) + k +
+                                      (p.need_grad_decay ? d : 0) + (p.need_grad_h ? d : 0) + (p.need_grad_f ? d : 0)
+                                : 3 * d + k;
+  return streaming_pays(p.B * p.N * rows * itemsize);
+}
+
 namespace detail {
 
 inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
@@ -356,8 +367,7 @@ int64_t feedback_step_forward(const FeedbackStepParams& p) {
   const int64_t positions = B * N;
   const int64_t block = detail::feedback_block_length<T>(positions / num_chunks + 1, N);
   const int64_t stride = block + W;  // one spare tile per row: rows do not share cache sets
-  // Reads h and f, writes h_next and v.
-  const bool stream = streaming_pays(positions * (3 * d + k) * static_cast<int64_t>(sizeof(T)));
+  const bool stream = feedback_step_streams(p, /*backward=*/false, sizeof(T));
   prepare_output(h_next, positions * d * static_cast<int64_t>(sizeof(T)), p.num_threads);
   prepare_output(v, positions * k * static_cast<int64_t>(sizeof(T)), p.num_threads);
 
@@ -452,10 +462,7 @@ int64_t feedback_step_backward(const FeedbackStepParams& p) {
   const int64_t positions = B * N;
   const int64_t block = detail::feedback_block_length<T>(positions / num_chunks + 1, N);
   const int64_t stride = block + W;
-  // Reads grad_h_next, grad_v, v and (for grad_decay) f; writes grad_h and grad_f, those asked for.
-  const int64_t rows_moved = (grad_h_next != nullptr ? d : 0) + (grad_v != nullptr ? k : 0) + k +
-                             (p.need_grad_decay ? d : 0) + (p.need_grad_h ? d : 0) + (p.need_grad_f ? d : 0);
-  const bool stream = streaming_pays(positions * rows_moved * static_cast<int64_t>(sizeof(T)));
+  const bool stream = feedback_step_streams(p, /*backward=*/true, sizeof(T));
   if (p.need_grad_h) prepare_output(grad_h, positions * d * static_cast<int64_t>(sizeof(T)), p.num_threads);
   if (p.need_grad_f) prepare_output(grad_f, positions * d * static_cast<int64_t>(sizeof(T)), p.num_threads);
   // One [rows, rows] partial of grad_decay per chunk (the entries past d unused).
