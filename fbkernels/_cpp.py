@@ -199,8 +199,9 @@ if hasattr(os, "register_at_fork"):
 
 def feedback_step_forward(h, f, decay, num_feedback):
     params = _feedback_step_params(h, num_feedback)
-    h_next = output_cache.empty_like(h, _C.streams(params, False))
-    v = h.new_empty((h.shape[0], num_feedback, *h.shape[2:]))
+    streamed = _C.streams(params, False)
+    h_next = output_cache.empty_like(h, streamed)
+    v = output_cache.empty((h.shape[0], num_feedback, *h.shape[2:]), h.dtype, streamed)
     params.h, params.f, params.decay = h.data_ptr(), f.data_ptr(), decay.data_ptr()
     params.h_next, params.v = h_next.data_ptr(), v.data_ptr()
     _C.feedback_step_forward(params)

@@ -102,12 +102,12 @@ def test_outputs_written_with_streaming_stores_are_cached_at_any_size():
     decay = torch.eye(18)
     fbkernels.feedback_step(small, small, decay, k, backend="cpp")
     assert output_cache.cached_bytes() == 0
-    h_next, _ = fbkernels.feedback_step(large, large, decay, k, backend="cpp")
-    assert output_cache.cached_bytes() == large.nbytes
-    address = h_next.data_ptr()
-    del h_next
-    again, _ = fbkernels.feedback_step(large, large, decay, k, backend="cpp")
-    assert again.data_ptr() == address and torch.equal(again, large + large)
+    h_next, v = fbkernels.feedback_step(large, large, decay, k, backend="cpp")
+    assert output_cache.cached_bytes() == h_next.nbytes + v.nbytes  # both written with streaming stores
+    addresses = h_next.data_ptr(), v.data_ptr()
+    del h_next, v
+    again, v = fbkernels.feedback_step(large, large, decay, k, backend="cpp")
+    assert (again.data_ptr(), v.data_ptr()) == addresses and torch.equal(again, large + large)
     output_cache.clear()
 
 
@@ -134,11 +134,12 @@ def test_results_are_the_same_with_reused_blocks_and_live_outputs_are_not_overwr
 
 def test_empty_cpu_cache_frees_unused_blocks(small_blocks_cached):
     h = torch.randn(2, 4, 16, 16)
-    kept = fbkernels.feedback_step(h, h, torch.eye(4), 1, backend="cpp")[0]
-    fbkernels.feedback_step(h, h, torch.eye(4), 1, backend="cpp")  # its h_next block is unused once it returns
-    assert small_blocks_cached.cached_bytes() == 2 * kept.untyped_storage().nbytes()
+    kept = fbkernels.feedback_step(h, h, torch.eye(4), 1, backend="cpp")  # h_next and v
+    fbkernels.feedback_step(h, h, torch.eye(4), 1, backend="cpp")  # its blocks are unused once it returns
+    kept_bytes = sum(t.untyped_storage().nbytes() for t in kept)
+    assert small_blocks_cached.cached_bytes() == 2 * kept_bytes
     fbkernels.empty_cpu_cache()
-    assert small_blocks_cached.cached_bytes() == kept.untyped_storage().nbytes()
+    assert small_blocks_cached.cached_bytes() == kept_bytes
 
 
 def test_gradients_accumulated_over_backwards_are_not_overwritten(small_blocks_cached):
