@@ -105,13 +105,14 @@ class LargeOutputCache:
     whole 8x18x256x256 feedback_step forward (docs/cpu-kernels.md). Smaller blocks come from glibc's heap, which
     reuses them, except the outputs the kernel writes with non-temporal stores (``streamed``): glibc's block may be
     one another op has just written, whose dirty lines those stores must first evict, or, once glibc trims its
-    heap, new pages; the cache's block is neither. A block is handed out again only for an output of exactly its size, and only when the
-    cache holds its last reference: no tensor, view or storage object uses it (its storage's C++ use count is the
-    cache's one, and no one else holds the Python storage object, which PyTorch keeps one of per storage); a block
-    that has been moved to shared memory (sent to another process, which maps it unseen by those counts) is
-    dropped. At most ``max_blocks`` blocks are kept; ``fbkernels.empty_cpu_cache()`` frees the unused ones, and
-    ``FBKERNELS_CPU_OUTPUT_CACHE=0`` in the environment turns the cache off. Like PyTorch's CUDA caching allocator
-    with GPU memory, it keeps freed memory of the process for reuse: here at most ``max_blocks`` large blocks.
+    heap, new pages; the cache's block is neither. A block is handed out again only for an output of exactly its
+    size, and only when the cache holds its last reference: no tensor, view or storage object uses it (its
+    storage's C++ use count is the cache's one, and no one else holds the Python storage object, which PyTorch
+    keeps one of per storage); a block that has been moved to shared memory (sent to another process, which maps it
+    unseen by those counts) is dropped. At most ``max_blocks`` blocks are kept; ``fbkernels.empty_cpu_cache()``
+    frees the unused ones, and ``FBKERNELS_CPU_OUTPUT_CACHE=0`` in the environment turns the cache off. Like
+    PyTorch's CUDA caching allocator with GPU memory, it keeps freed memory of the process for reuse: here at most
+    ``max_blocks`` blocks.
     """
 
     def __init__(self, min_bytes: int = 32 << 20, max_blocks: int = 4,
