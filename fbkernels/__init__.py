@@ -12,8 +12,9 @@ __all__ = ["__version__", "available_backends", "context_gate", "decay_matrix", 
 
 
 def empty_cpu_cache() -> None:
-    """Free the large CPU blocks (>= 32 MiB) that the cpp backend keeps to reuse for its outputs once nothing
-    references them (at most 4; ``FBKERNELS_CPU_OUTPUT_CACHE=0`` turns the cache off). Blocks still in use stay."""
+    """Free the CPU blocks that the cpp backend keeps to reuse for its outputs (those of 32 MiB or more, and those
+    its kernels write with streaming stores) once nothing references them (at most 4;
+    ``FBKERNELS_CPU_OUTPUT_CACHE=0`` turns the cache off). Blocks still in use stay."""
     try:
         from ._cpp import output_cache
     except ImportError:  # a build without the CPU kernels has no cache
