@@ -143,17 +143,21 @@ class LargeOutputCache:
         finally:
             self._blocks.clear()
 
+    def _serves(self, nbytes: int, streamed: bool) -> bool:
+        """Whether an output of ``nbytes`` comes from the cache: a large one, or one written with streaming stores."""
+        return self.enabled and (streamed or nbytes >= self.min_bytes)
+
     def empty_like(self, like: torch.Tensor, streamed: bool = False) -> torch.Tensor:
         """An uninitialised tensor like ``like`` (a contiguous CPU tensor, as the host functions take); ``streamed``:
         the kernel writes it with non-temporal stores (cached whatever its size)."""
-        if not self.enabled or not (streamed or like.nbytes >= self.min_bytes):
+        if not self._serves(like.nbytes, streamed):
             return torch.empty_like(like)  # the common case first: empty_like is cheaper than empty(shape, dtype)
         return self.empty(like.shape, like.dtype, streamed)
 
     def empty(self, shape, dtype: torch.dtype, streamed: bool = False) -> torch.Tensor:
         """An uninitialised contiguous CPU tensor of ``shape`` and ``dtype`` (``streamed`` as in empty_like)."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if not self.enabled or not (streamed or nbytes >= self.min_bytes):
+        if not self._serves(nbytes, streamed):
             return torch.empty(shape, dtype=dtype)
         with self._lock:
             # A block sent to another process (DataLoader workers, multiprocessing queues, share_memory_()) was moved
